@@ -1,0 +1,337 @@
+"""What the reference and the fast DPT share: construction, parameters, outputs, loss, loading.
+
+Subclasses implement the two encoders (:meth:`DPTBase.encode_learned_text` and
+:meth:`DPTBase.encode_image_prompted`); everything around them — zero-shot class selection,
+logits, the objective, ``state_dict`` and checkpoint loading — lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dpt_fast import official
+from dpt_fast.clip_interop import (
+    ClipGeometry,
+    clip_geometry,
+    encode_text_tokens,
+    run_block,
+    vision_batch_first,
+    vision_embed,
+    vision_head,
+)
+from dpt_fast.config import DPTConfig
+from dpt_fast.loss import dpt_loss
+from dpt_fast.output import DPTOutput
+from dpt_fast.prompts import (
+    ClassAwarePrompts,
+    DeepVisualPrompts,
+    TextPrompts,
+    prompt_class_name,
+)
+from dpt_fast.tokenizer import ClipTokenizer
+
+# Metadata entries added to state_dict() so that loading can say *why* a checkpoint does not fit.
+META_CLASSNAMES = "dpt_meta.classnames"
+META_CONFIG = "dpt_meta.config"
+
+
+def _json_tensor(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).clone()
+
+
+def _tensor_json(t: torch.Tensor):
+    return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+
+
+def _check_classnames(classnames: Sequence[str]) -> list[str]:
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+        raise TypeError(f"classnames must be a list of strings, got {type(classnames).__name__}")
+    names = list(classnames)
+    if not names:
+        raise ValueError("classnames is empty: DPT needs at least one class")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"classnames[{i}] must be a non-empty string, got {name!r}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = prompt_class_name(name).strip().lower()
+        if key in seen:
+            raise ValueError(
+                f"classnames[{seen[key]}] {names[seen[key]]!r} and classnames[{i}] {name!r} give "
+                "the same prompt: classes must be distinguishable"
+            )
+        seen[key] = i
+    return names
+
+
+def _param_dtype(clip: nn.Module) -> torch.dtype:
+    # Prompts are trained in fp32 even when the CLIP is fp16/bf16: the authors' fp16 parameters
+    # under plain SGD lose small updates. Low-precision compute comes from autocast instead.
+    dtype = next(p.dtype for p in clip.parameters() if p.is_floating_point())
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    # x / ||x||, as the authors write it (F.normalize would clamp the norm).
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+class DPTBase(nn.Module):
+    """Dual-modality Prompt Tuning on a frozen open_clip CLIP.
+
+    Args:
+        clip: an open_clip ``CLIP`` with a ViT image tower (e.g.
+            ``open_clip.create_model("ViT-B-16", pretrained=...)``). It is frozen (no parameter
+            of it requires grad) and kept in eval mode; the prompts are created on its device.
+        classnames: the C class names; "_" is written as a space in prompts.
+        config: :class:`DPTConfig`; defaults to the authors' DPT.
+        tokenizer: a :class:`ClipTokenizer`; defaults to CLIP's BPE with the model's context.
+
+    ``forward(images (B, 3, H, W)) -> DPTOutput``; ``loss(output, labels, epoch)``.
+    ``state_dict()`` holds the prompt parameters (not the CLIP) plus two metadata entries (class
+    names and config as UTF-8 JSON bytes); ``load_state_dict`` with ``strict=True`` (the
+    default) refuses a state_dict of other classes or another config and names the difference.
+    """
+
+    def __init__(self, clip: nn.Module, classnames: Sequence[str],
+                 config: DPTConfig | None = None, *, tokenizer: ClipTokenizer | None = None):
+        super().__init__()
+        config = DPTConfig() if config is None else config
+        if not isinstance(config, DPTConfig):
+            raise TypeError(f"config must be a DPTConfig, got {type(config).__name__}")
+        self.classnames = _check_classnames(classnames)
+        self.config = config
+        self.geometry: ClipGeometry = clip_geometry(clip)
+        geo, spec = self.geometry, config.spec
+
+        clip.requires_grad_(False)
+        self.clip = clip.eval()
+
+        if spec.class_aware_prompts:
+            start = config.cavpt_start_layer or geo.vision_layers
+            if start > geo.vision_layers:
+                raise ValueError(
+                    f"DPTConfig.cavpt_start_layer={start} but the image tower has only "
+                    f"{geo.vision_layers} layers (valid: 1..{geo.vision_layers})"
+                )
+            self.cavpt_start = start - 1  # 0-based first CAVPT layer
+            n_deep = self.cavpt_start
+        else:
+            self.cavpt_start = geo.vision_layers
+            n_deep = geo.vision_layers
+        self.top_k = min(config.cavpt_top_k, len(self.classnames))
+
+        tokenizer = tokenizer or ClipTokenizer(geo.context_length)
+        if tokenizer.vocab_size != geo.vocab_size:
+            raise ValueError(
+                f"tokenizer vocabulary ({tokenizer.vocab_size}) does not match the CLIP's token "
+                f"embedding ({geo.vocab_size} rows): DPT needs CLIP's BPE tokenizer"
+            )
+        param = next(p for p in clip.parameters() if p.is_floating_point())
+        device, dtype = param.device, _param_dtype(clip)
+
+        handcrafted = [config.template.format(prompt_class_name(c)) for c in self.classnames]
+        try:
+            handcrafted_ids = tokenizer(handcrafted).to(device)
+        except ValueError as err:
+            raise ValueError(f"a class name is too long for the template: {err}") from None
+        features = encode_text_tokens(clip, handcrafted_ids)
+        # (C, E) normalised text features of the hand-crafted template, fixed.
+        self.register_buffer("handcrafted_text_features", _normalize(features),
+                             persistent=False)
+
+        self.text_prompts = (
+            TextPrompts(clip.token_embedding, tokenizer, self.classnames, config, dtype)
+            if spec.text_prompts else None
+        )
+        self.visual_prompts = (
+            DeepVisualPrompts(n_deep, config.n_visual_ctx, geo.vision_width, config.init_std,
+                              device, dtype)
+            if spec.deep_visual_prompts and n_deep > 0 else None
+        )
+        self.cavpt = (
+            ClassAwarePrompts(geo.vision_layers - self.cavpt_start, geo.embed_dim,
+                              geo.vision_width, len(self.classnames), config, device, dtype)
+            if spec.class_aware_prompts else None
+        )
+        self.register_state_dict_post_hook(_state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(_load_pre_hook)
+        self.register_load_state_dict_post_hook(_load_post_hook)
+
+    # ----------------------------------------------------------------------------- basics
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def train(self, mode: bool = True) -> DPTBase:
+        super().train(mode)
+        self.clip.eval()  # the frozen CLIP never trains (no patch dropout, no dropout)
+        return self
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by part: "text_prompts", "visual_prompts", "cavpt".
+
+        The authors train them with separate optimizers (text: lr 0.002, 1 warm-up epoch;
+        visual and CAVPT: lr 0.01); absent parts are left out.
+        """
+        parts = {"text_prompts": self.text_prompts, "visual_prompts": self.visual_prompts,
+                 "cavpt": self.cavpt}
+        return {name: list(m.parameters()) for name, m in parts.items() if m is not None}
+
+    def check_images(self, images: torch.Tensor) -> None:
+        expected = (3, *self.geometry.image_size)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or \
+                tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(
+                f"images must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) for "
+                f"this CLIP, got {shape}: resize/crop to {expected[1]}x{expected[2]}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (normalised pixels), "
+                             f"got {images.dtype}")
+
+    # ----------------------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_image_frozen(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen CLIP's image features (B, E) of unprompted images (= encode_image)."""
+        visual = self.clip.visual
+        x = vision_embed(visual, images)
+        batch_first = vision_batch_first(visual)
+        for block in visual.transformer.resblocks:
+            x = run_block(block, x, batch_first)
+        return vision_head(visual, x)
+
+    def encode_learned_text(self) -> torch.Tensor:
+        """Text features (C, E) of the learned prompts, unnormalised."""
+        raise NotImplementedError
+
+    def encode_image_prompted(
+        self, images: torch.Tensor, class_text: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompted image features (B, E) and CAVPT layer logits (B, L_cavpt, K, C) or None.
+
+        class_text: (B, K, E) learned text features of each image's selected classes (CAVPT).
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor) -> DPTOutput:
+        """images (B, 3, H, W), CLIP-normalised -> :class:`DPTOutput`."""
+        self.check_images(images)
+        spec = self.config.spec
+        scale = self.clip.logit_scale.exp()
+        handcrafted = self.handcrafted_text_features
+
+        frozen = None
+        if spec.class_aware_prompts or spec.guidance:
+            frozen = _normalize(self.encode_image_frozen(images))  # (B, E), no grad
+        text = self.encode_learned_text() if spec.text_prompts else None  # (C, E)
+        text_n = _normalize(text) if text is not None else handcrafted
+
+        indices = class_text = None
+        if spec.class_aware_prompts:
+            with torch.no_grad():
+                selection = scale * frozen @ handcrafted.t()  # (B, C)
+                indices = selection.topk(self.top_k, dim=-1).indices  # (B, K), best first
+            class_text = text[indices]  # (B, K, E), carries the text prompts' gradient
+        image, layer_logits = self.encode_image_prompted(images, class_text)
+        image_n = _normalize(image)
+
+        out = DPTOutput(logits=scale * image_n @ text_n.t(), layer_logits=layer_logits,
+                        topk_indices=indices)
+        if spec.guidance:
+            out.logits_zeroshot_image = scale * frozen @ text_n.t()
+            out.logits_handcrafted_text = scale * image_n @ handcrafted.t()
+        return out
+
+    def loss(self, output: DPTOutput, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The authors' objective for ``epoch`` (0-based); see :func:`dpt_fast.loss.dpt_loss`."""
+        return dpt_loss(output, labels, epoch, self.config)
+
+    # ----------------------------------------------------------------------------- loading
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load prompts saved by :meth:`state_dict`.
+
+        With ``strict=True`` a state_dict of other classes or of another config is refused with
+        an error naming the difference; ``strict=False`` loads whatever tensors fit.
+        """
+        # torch passes strict=True to every load hook whatever the caller asked for: remember
+        # the caller's choice for the metadata check.
+        self._strict_load = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._strict_load = True
+
+    def load_official_checkpoint(self, directory: str | os.PathLike, epoch: int | None = None,
+                                 *, load_layer_classifiers: bool = True) -> None:
+        """Load prompts saved by the authors' Dassl trainer (``fanrena/DPT``).
+
+        Reads ``directory/<part>/model-best.pth.tar`` (or ``model.pth.tar-<epoch>``) for the
+        parts this method has, with ``weights_only=True``; fp16 tensors are cast. Any missing
+        file, missing or unexpected key, or shape mismatch raises before anything is copied.
+        ``load_layer_classifiers=False`` keeps this model's CAVPT layer classifiers, as the
+        authors' loader does, so prompts trained on other classes can be evaluated here.
+        """
+        official.load_official_checkpoint(self, directory, epoch, load_layer_classifiers)
+
+
+# ------------------------------------------------------------------------------ state_dict hooks
+def _state_dict_post_hook(module: DPTBase, state_dict, prefix: str, local_metadata) -> None:
+    # The frozen CLIP is not part of DPT's state: drop it, and record what the prompts belong to.
+    for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
+        del state_dict[key]
+    state_dict[prefix + META_CLASSNAMES] = _json_tensor(module.classnames)
+    state_dict[prefix + META_CONFIG] = _json_tensor(module.config.model_fields())
+
+
+def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
+    problems = []
+    if classnames != module.classnames:
+        if len(classnames) != len(module.classnames):
+            problems.append(f"it was made for {len(classnames)} classes, this model has "
+                            f"{len(module.classnames)}")
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(classnames, module.classnames, strict=True))
+                     if a != b)
+            problems.append(f"its class {i} is {classnames[i]!r}, this model's is "
+                            f"{module.classnames[i]!r}")
+    ours = module.config.model_fields()
+    for field in sorted(set(ours) | set(config)):
+        if config.get(field) != ours.get(field):
+            problems.append(f"DPTConfig.{field} is {config.get(field)!r} in the state_dict, "
+                            f"{ours.get(field)!r} in this model")
+    return problems
+
+
+def _load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, missing_keys,
+                   unexpected_keys, error_msgs) -> None:
+    module._load_prefix = prefix
+    names = state_dict.pop(prefix + META_CLASSNAMES, None)
+    config = state_dict.pop(prefix + META_CONFIG, None)
+    if not getattr(module, "_strict_load", True):
+        return
+    if names is None or config is None:
+        error_msgs.append(
+            f"state_dict has no {META_CLASSNAMES}/{META_CONFIG} entries: it was not written by "
+            "dpt_fast's DPT.state_dict() (for the authors' checkpoints use "
+            "load_official_checkpoint)"
+        )
+        return
+    problems = _describe_mismatch(module, _tensor_json(names), _tensor_json(config))
+    if problems:
+        error_msgs.append("state_dict does not belong to this model: " + "; ".join(problems))
+
+
+def _load_post_hook(module: DPTBase, incompatible_keys) -> None:
+    # The CLIP's weights are not in DPT's state_dict by design: they are not "missing".
+    clip_prefix = getattr(module, "_load_prefix", "") + "clip."
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not k.startswith(clip_prefix)
+    ]

@@ -1,0 +1,132 @@
+"""Typed configuration of a DPT model and its method presets.
+
+Defaults are the authors' (``fanrena/DPT``, ``train_single.sh`` and ``configs/trainers/VPT``):
+16 text context tokens, 10 deep visual prompt tokens, CAVPT in the last layer only with top-10
+classes, α = 0.3, 30 guidance epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+MethodName = Literal["coop", "vpt", "vlp", "dpt"]
+ClassTokenPosition = Literal["end", "middle", "front"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Which parts of DPT a method preset switches on (the authors' trainers)."""
+
+    text_prompts: bool  # learn CoOp text context (else the hand-crafted text features classify)
+    deep_visual_prompts: bool  # VPT-deep tokens in the layers below the CAVPT layers
+    class_aware_prompts: bool  # CAVPT in layers cavpt_start_layer..L
+    guidance: bool  # the guidance objective (zero-shot image + hand-crafted text terms)
+
+
+METHODS: dict[str, MethodSpec] = {
+    # trainers/coop.py: text prompts, CE(logits)
+    "coop": MethodSpec(text_prompts=True, deep_visual_prompts=False,
+                       class_aware_prompts=False, guidance=False),
+    # trainers/VPT.py: deep visual prompts in every layer, hand-crafted text classifier, CE
+    "vpt": MethodSpec(text_prompts=False, deep_visual_prompts=True,
+                      class_aware_prompts=False, guidance=False),
+    # trainers/VLP.py: text + deep visual prompts in every layer, guidance objective
+    "vlp": MethodSpec(text_prompts=True, deep_visual_prompts=True,
+                      class_aware_prompts=False, guidance=True),
+    # trainers/DPT.py: everything
+    "dpt": MethodSpec(text_prompts=True, deep_visual_prompts=True,
+                      class_aware_prompts=True, guidance=True),
+}
+
+# Fields that only shape the objective: a checkpoint stays valid when they change.
+LOSS_ONLY_FIELDS = frozenset({"alpha", "guidance_epochs"})
+
+
+@dataclass
+class DPTConfig:
+    """Configuration of :class:`dpt_fast.DPT` and :class:`dpt_fast.reference.DPT`.
+
+    Invalid values and combinations raise ``ValueError`` naming the field when the config is
+    created (fields that need the CLIP, such as ``cavpt_start_layer``, are checked again when the
+    model is built).
+    """
+
+    method: MethodName = "dpt"  # preset: "coop" | "vpt" | "vlp" | "dpt" (see METHODS)
+    n_text_ctx: int = 16  # learnable text context tokens (ignored when text_ctx_init is set)
+    text_ctx_init: str = ""  # words that initialise the text context, e.g. "a photo of a"
+    class_specific_ctx: bool = False  # one text context per class (CoOp's CSC)
+    class_token_position: ClassTokenPosition = "end"  # where the class name sits in the prompt
+    n_visual_ctx: int = 10  # deep visual prompt tokens per layer (authors' TRAINER.VPT.N_CTX)
+    cavpt_start_layer: int | None = None  # 1-based first CAVPT layer (BOTTOMLIMIT); None = last
+    cavpt_top_k: int = 10  # classes selected per image (CPN); capped at the number of classes
+    cavpt_n_ctx: int = 10  # learnable key/value tokens of each CAVPT attention
+    cavpt_attn_dim: int = 32  # query/key width of the CAVPT attention
+    alpha: float = 0.3  # weight of the layer-logit loss (TRAINER.ALPHA)
+    guidance_epochs: int = 30  # epochs with the guidance objective (PRETRAIN.C)
+    template: str = "a photo of a {}."  # hand-crafted prompt; "{}" is replaced by the class name
+    init_std: float = 0.02  # std of the normal init of text/visual/CAVPT prompt tokens
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"DPTConfig.method must be one of {sorted(METHODS)}, got {self.method!r}"
+            )
+        if self.class_token_position not in ("end", "middle", "front"):
+            raise ValueError(
+                "DPTConfig.class_token_position must be 'end', 'middle' or 'front', "
+                f"got {self.class_token_position!r}"
+            )
+        if "{}" not in self.template:
+            raise ValueError(
+                f"DPTConfig.template must contain '{{}}' where the class name goes, "
+                f"got {self.template!r}"
+            )
+        spec = self.spec
+        if spec.text_prompts:
+            if not self.text_ctx_init and self.n_text_ctx < 1:
+                raise ValueError(f"DPTConfig.n_text_ctx must be >= 1, got {self.n_text_ctx}")
+            if self.text_ctx_init and self.class_specific_ctx:
+                raise ValueError(
+                    "DPTConfig.text_ctx_init cannot be combined with class_specific_ctx=True "
+                    "(an initialisation from words gives one generic context)"
+                )
+        if spec.deep_visual_prompts and self.n_visual_ctx < 1:
+            raise ValueError(
+                f"DPTConfig.n_visual_ctx must be >= 1 for method {self.method!r}, "
+                f"got {self.n_visual_ctx}"
+            )
+        if self.cavpt_start_layer is not None:
+            if not spec.class_aware_prompts:
+                raise ValueError(
+                    f"DPTConfig.cavpt_start_layer is set but method {self.method!r} has no "
+                    "class-aware prompts: leave it None or use method='dpt'"
+                )
+            if self.cavpt_start_layer < 1:
+                raise ValueError(
+                    "DPTConfig.cavpt_start_layer is 1-based and must be >= 1, "
+                    f"got {self.cavpt_start_layer}"
+                )
+        if spec.class_aware_prompts:
+            for name in ("cavpt_top_k", "cavpt_n_ctx", "cavpt_attn_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"DPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.alpha < 0:
+            raise ValueError(f"DPTConfig.alpha must be >= 0, got {self.alpha}")
+        if self.guidance_epochs < 0:
+            raise ValueError(f"DPTConfig.guidance_epochs must be >= 0, got {self.guidance_epochs}")
+        if self.init_std <= 0:
+            raise ValueError(f"DPTConfig.init_std must be > 0, got {self.init_std}")
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The parts of the model this config's method uses."""
+        return METHODS[self.method]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_fields(self) -> dict:
+        """The fields that define the learned tensors (all but the loss-only ones)."""
+        return {k: v for k, v in self.to_dict().items() if k not in LOSS_ONLY_FIELDS}

@@ -1,0 +1,164 @@
+"""Reading checkpoints written by the authors' Dassl trainer (``fanrena/DPT``).
+
+The trainer registers three sub-modules and saves each to
+``<directory>/<name>/model-best.pth.tar`` (or ``model.pth.tar-<epoch>``) as a torch-saved dict
+whose ``state_dict`` holds that sub-module's tensors, in fp16 when trained with PREC=fp16:
+
+=======================================  ==================================================
+authors' sub-module and key              dpt_fast parameter
+=======================================  ==================================================
+prompt_learner / ctx                     text_prompts.ctx
+image_encoder.transformer.ctx_learner    visual_prompts.ctx
+  / ctx
+image_encoder.transformer.extractor      cavpt.layers.{i}.…
+  / meta_nets.{i}.weight|bias              query_proj.weight|bias
+  / attns.{i}.qmlp|kmlp|vmlp.weight        attn_q|attn_k|attn_v.weight
+  / lns.{i}.weight|bias                    norm_logits.weight|bias
+  / classfiers.{i}.weight                  classifier.weight
+  / lns2.{i}.weight|bias                   norm_prompt.weight|bias
+  / ctx  (L_cavpt, n, W)                   ctx  (row i)
+=======================================  ==================================================
+
+``token_prefix``/``token_suffix`` are fixed embeddings the authors also save; like their loader,
+we ignore them (they are rebuilt from the class names).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TEXT_PART = "prompt_learner"
+VISUAL_PART = "image_encoder.transformer.ctx_learner"
+CAVPT_PART = "image_encoder.transformer.extractor"
+IGNORED_KEYS = frozenset({"token_prefix", "token_suffix"})
+
+_CAVPT_LAYER_KEYS = {
+    "meta_nets.{i}.weight": "query_proj.weight",
+    "meta_nets.{i}.bias": "query_proj.bias",
+    "attns.{i}.qmlp.weight": "attn_q.weight",
+    "attns.{i}.kmlp.weight": "attn_k.weight",
+    "attns.{i}.vmlp.weight": "attn_v.weight",
+    "lns.{i}.weight": "norm_logits.weight",
+    "lns.{i}.bias": "norm_logits.bias",
+    "classfiers.{i}.weight": "classifier.weight",
+    "lns2.{i}.weight": "norm_prompt.weight",
+    "lns2.{i}.bias": "norm_prompt.bias",
+}
+
+
+def checkpoint_filename(epoch: int | None) -> str:
+    return "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
+
+
+def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dict:
+    """The ``state_dict`` of one sub-module's checkpoint, loaded with ``weights_only=True``."""
+    path = Path(directory) / part / checkpoint_filename(epoch)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"official DPT checkpoint not found: {path}. Expected the authors' layout "
+            f"<directory>/{{{TEXT_PART}, {VISUAL_PART}, {CAVPT_PART}}}/"
+            f"{checkpoint_filename(epoch)} (the parts this method uses)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as a tensor-only torch checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path} has no 'state_dict' dict: not a Dassl checkpoint")
+    return {k: v for k, v in checkpoint["state_dict"].items() if k not in IGNORED_KEYS}
+
+
+def cavpt_key_map(n_layers: int, with_classifiers: bool) -> Iterator[tuple[str, int, str]]:
+    """(authors' key, layer index, our key inside cavpt.layers[i]) for every mapped tensor."""
+    for i in range(n_layers):
+        for theirs, ours in _CAVPT_LAYER_KEYS.items():
+            if ours == "classifier.weight" and not with_classifiers:
+                continue
+            yield theirs.format(i=i), i, ours
+
+
+# One planned copy: (destination parameter, source tensor, where it came from, hint on mismatch).
+CopyPlan = list[tuple[torch.Tensor, torch.Tensor, str, str]]
+
+
+def _check_keys(state: dict, expected: set[str], part: str, allowed_extra: set[str]) -> None:
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected - allowed_extra)
+    if missing or unexpected:
+        raise ValueError(
+            f"official checkpoint part {part!r} does not match this model: "
+            f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}. Check that "
+            "the method and cavpt_start_layer match the run that wrote it."
+        )
+
+
+def plan_text_prompts(text_prompts: nn.Module, state: dict) -> CopyPlan:
+    _check_keys(state, {"ctx"}, TEXT_PART, set())
+    return [(text_prompts.ctx, state["ctx"], f"{TEXT_PART}/ctx",
+             " (other n_text_ctx, class_specific_ctx or other classes?)")]
+
+
+def plan_visual_prompts(visual_prompts: nn.Module, state: dict) -> CopyPlan:
+    _check_keys(state, {"ctx"}, VISUAL_PART, set())
+    return [(visual_prompts.ctx, state["ctx"], f"{VISUAL_PART}/ctx",
+             " (other n_visual_ctx or cavpt_start_layer?)")]
+
+
+def plan_cavpt(cavpt: nn.Module, state: dict, with_classifiers: bool) -> CopyPlan:
+    layers = cavpt.layers
+    mapping = list(cavpt_key_map(len(layers), with_classifiers))
+    classifier_keys = {f"classfiers.{i}.weight" for i in range(len(layers))}
+    allowed_extra = set() if with_classifiers else classifier_keys
+    _check_keys(state, {k for k, _, _ in mapping} | {"ctx"}, CAVPT_PART, allowed_extra)
+    ctx = state["ctx"]
+    expected_ctx = (len(layers), *layers[0].ctx.shape)
+    if tuple(ctx.shape) != expected_ctx:
+        raise ValueError(
+            f"{CAVPT_PART}/ctx: checkpoint tensor has shape {tuple(ctx.shape)}, this model "
+            f"expects {expected_ctx} (other cavpt_start_layer or cavpt_n_ctx?)"
+        )
+    plan: CopyPlan = []
+    for theirs, i, ours in mapping:
+        hint = (" (a checkpoint for another set of classes? pass load_layer_classifiers=False "
+                "to load everything else, as the authors do for cross-dataset evaluation)"
+                if ours == "classifier.weight" else "")
+        plan.append((layers[i].get_parameter(ours), state[theirs], f"{CAVPT_PART}/{theirs}",
+                     hint))
+    plan += [(layer.ctx, ctx[i], f"{CAVPT_PART}/ctx[{i}]", "") for i, layer in enumerate(layers)]
+    return plan
+
+
+def execute(plan: CopyPlan) -> None:
+    """Check every shape first, then copy: a mismatch leaves the model untouched."""
+    for target, source, where, hint in plan:
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{where}: checkpoint tensor has shape {tuple(source.shape)}, this model "
+                f"expects {tuple(target.shape)}{hint}"
+            )
+        if not source.is_floating_point():
+            raise ValueError(f"{where}: checkpoint tensor has dtype {source.dtype}, not float")
+    with torch.no_grad():
+        for target, source, _, _ in plan:
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+def load_official_checkpoint(model: nn.Module, directory: str | os.PathLike,
+                             epoch: int | None = None, load_layer_classifiers: bool = True) -> None:
+    """Load the authors' checkpoint parts that ``model`` has (see the module docstring)."""
+    plan: CopyPlan = []
+    if model.text_prompts is not None:
+        plan += plan_text_prompts(model.text_prompts, read_part(directory, TEXT_PART, epoch))
+    if model.visual_prompts is not None:
+        plan += plan_visual_prompts(model.visual_prompts,
+                                    read_part(directory, VISUAL_PART, epoch))
+    if model.cavpt is not None:
+        plan += plan_cavpt(model.cavpt, read_part(directory, CAVPT_PART, epoch),
+                           load_layer_classifiers)
+    execute(plan)
