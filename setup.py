@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -44,15 +45,20 @@ def detect_cuda_home() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    try:
-        probe = subprocess.run(
-            [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        open(source, "w").close()
+        try:
+            probe = subprocess.run(
+                [nvcc, "--dryrun", "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                capture_output=True, text=True, timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
     match = re.search(r"^#\$ TOP=(\S+)", probe.stdout + probe.stderr, re.MULTILINE)
     top = os.path.realpath(match.group(1)) if match else os.path.dirname(os.path.dirname(nvcc))
-    return top if os.path.exists(os.path.join(top, "bin", "nvcc")) else None
+    # A real toolkit folder has the runtime headers, not just a bin/ with a wrapper in it.
+    return top if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")) else None
 
 
 def extension_modules() -> tuple[list, dict]:

@@ -42,7 +42,7 @@ def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as out:
         for source in args.sources:
-            cmd = [nvcc, "-std=c++17", "-O2", f"-gencode=arch=compute_{code},code={args.arch}",
+            cmd = [nvcc, "-std=c++20", "-O2", f"-gencode=arch=compute_{code},code={args.arch}",
                    "-DTORCH_EXTENSION_NAME=_C", "-DDPT_FAST_WITH_CUDA",
                    "-DTORCH_API_INCLUDE_EXTENSION_H",
                    "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",

@@ -1,0 +1,78 @@
+"""Class-aware attention, forward + backward: the fused op vs the PyTorch composition (bmm,
+softmax, bmm) vs torch.compile of that composition.
+
+Shapes are DPT's CAVPT attention: K=10 class queries over M=207 tokens, dk=32, dv=768, B=32 and
+256; bfloat16 on a GPU, float32 on CPU (about 15 s on 2 cores once inductor's cache is warm; a
+cold compile of the composition adds about 20 s per batch size).
+Run: pytest benchmarks/test_bench_class_aware_attention.py --benchmark-only
+(under --benchmark-disable every case runs once, as a smoke test, except the compiled composition
+on CPU, which would spend its time compiling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from bench_common import DEVICE, HAS_CUDA
+
+from dpt_fast.ops import class_aware_attention, class_aware_attention_ref
+
+ROWS, KEYS, DK, DV = 10, 207, 32, 768
+BATCHES = [32, 256]
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+IMPLS = ["op", "composition", "compiled"]
+
+_compiled_composition: Callable | None = None
+
+
+def _impl(name: str) -> Callable:
+    """The function benchmarked under `name`; the compiled one is built once per session."""
+    global _compiled_composition
+    if name == "op":
+        return class_aware_attention
+    if name == "composition":
+        return class_aware_attention_ref
+    if _compiled_composition is None:
+        _compiled_composition = torch.compile(class_aware_attention_ref, dynamic=False)
+    return _compiled_composition
+
+
+def _inputs(batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(q (B, K, dk), k (B, M, dk), v (B, M, dv)) requiring grad, and grad_out (B, K, dv)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rand(*size: int, requires_grad: bool = True) -> torch.Tensor:
+        t = torch.randn(*size, generator=gen, device=DEVICE, dtype=DTYPE)
+        return t.requires_grad_(requires_grad)
+
+    leaves = (rand(batch, ROWS, DK), rand(batch, KEYS, DK), rand(batch, KEYS, DV))
+    return leaves, rand(batch, ROWS, DV, requires_grad=False)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_backward(benchmark, impl: str, batch: int) -> None:
+    if benchmark.disabled and impl == "compiled" and not HAS_CUDA:
+        pytest.skip("cold inductor compile takes ~20 s on CPU; benchmarked with timing on")
+    fn = _impl(impl)
+    leaves, grad_out = _inputs(batch)
+
+    def step() -> None:
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, grad_out)  # no .grad accumulation between rounds
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(
+        impl=impl,
+        shape={"B": batch, "K": ROWS, "M": KEYS, "dk": DK, "dv": DV},
+        dtype=str(DTYPE).removeprefix("torch."),
+        device=DEVICE,
+    )
+    step()  # compile / warm caches outside the timed rounds
+    if HAS_CUDA:
+        benchmark.pedantic(step, warmup_rounds=5, rounds=30, iterations=5)
+    else:
+        benchmark.pedantic(step, warmup_rounds=1, rounds=5)

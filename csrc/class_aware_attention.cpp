@@ -1,0 +1,270 @@
+// Class-aware attention of DPT's CAVPT module: the op schemas, the shared input checks, the CPU
+// kernels and the Python module stub of dpt_fast._C.
+//
+//   q (B, K, dk), k (B, M, dk), v (B, M, dv)
+//   out (B, K, dv) = softmax(q kᵀ · scale, dim=-1) · v
+//   lse (B, K)     = logsumexp(q kᵀ · scale, dim=-1), saved for the backward pass
+//
+// The CPU kernels widen the inputs once to the accumulation type (float32, or float64 for float64
+// inputs) and keep every intermediate in it; only the outputs are rounded to the input dtype.
+// The softmax, lse and dS stages are our loops, at::parallel_for over the B·K rows; the matrix
+// products go to ATen's batched BLAS (MKL, OpenBLAS, ...), which is parallel over the batch and
+// beats hand-written loops on the CPUs it is tuned for. (BLAS calls inside at::parallel_for
+// would oversubscribe the cores with BLAS threads, hence the two separate levels.)
+
+#include "class_aware_attention.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <tuple>
+
+namespace dpt_fast {
+
+// ---------------------------------------------------------------------------------------------
+// Input checks shared by the CPU and CUDA kernels.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+constexpr const char* kForwardName = "class_aware_attention";
+constexpr const char* kBackwardName = "class_aware_attention_backward";
+
+// "(4, 207, 32)": PyTorch's own shape style, so messages read like Python errors.
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    os << (i ? ", " : "") << sizes[i];
+  }
+  os << (sizes.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+bool is_supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+         dtype == at::kHalf;
+}
+
+void check_rank3(const char* op, const char* name, const at::Tensor& t, const char* dims) {
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must have rank 3 with shape ", dims, ", got rank ",
+              t.dim(), " with shape ", shape_str(t.sizes()));
+}
+
+// Rank, device, dtype and shared-size checks of q, k, v; `op` prefixes every message.
+AttentionSizes check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v) {
+  check_rank3(op, "q", q, "(B, K, dk)");
+  check_rank3(op, "k", k, "(B, M, dk)");
+  check_rank3(op, "v", v, "(B, M, dv)");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), op,
+              ": q, k and v must be on the same device, got q on ", q.device(), ", k on ",
+              k.device(), ", v on ", v.device());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k and v must have the same dtype, got q ", q.scalar_type(), ", k ",
+              k.scalar_type(), ", v ", v.scalar_type(),
+              " (the Python wrapper dpt_fast.ops.class_aware_attention casts them for you)");
+  TORCH_CHECK(is_supported_dtype(q.scalar_type()), op,
+              ": q, k and v must be float32, float64, bfloat16 or float16, got ",
+              q.scalar_type());
+
+  const AttentionSizes s{q.size(0), q.size(1), k.size(1), q.size(2), v.size(2)};
+  TORCH_CHECK(k.size(0) == s.B && k.size(2) == s.dk, op,
+              ": k must have shape (B, M, dk) = (", s.B, ", ?, ", s.dk, ") matching q, got ",
+              shape_str(k.sizes()));
+  TORCH_CHECK(v.size(0) == s.B && v.size(1) == s.M, op,
+              ": v must have shape (B, M, dv) = (", s.B, ", ", s.M, ", ?) matching q and k, got ",
+              shape_str(v.sizes()));
+  TORCH_CHECK(s.M >= 1, op,
+              ": k and v must hold at least one key (M >= 1), since a softmax over zero keys is "
+              "undefined; got k of shape ",
+              shape_str(k.sizes()));
+  return s;
+}
+
+void check_same_shape(const char* op, const char* name, const at::Tensor& t,
+                      at::IntArrayRef expected, const char* dims) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", dims, " = ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+}  // namespace
+
+at::ScalarType lse_dtype_for(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+AttentionSizes check_forward_inputs(const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v) {
+  return check_qkv(kForwardName, q, k, v);
+}
+
+AttentionSizes check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& out, const at::Tensor& lse) {
+  const AttentionSizes s = check_qkv(kBackwardName, q, k, v);
+  const char* op = kBackwardName;
+  check_same_shape(op, "grad_out", grad_out, {s.B, s.K, s.dv}, "(B, K, dv)");
+  check_same_shape(op, "out", out, {s.B, s.K, s.dv}, "(B, K, dv)");
+  check_same_shape(op, "lse", lse, {s.B, s.K}, "(B, K)");
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
+                  lse.device() == q.device(),
+              op, ": grad_out, out and lse must be on q's device ", q.device(), ", got ",
+              grad_out.device(), ", ", out.device(), ", ", lse.device());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              op, ": grad_out and out must have q's dtype ", q.scalar_type(), ", got ",
+              grad_out.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype_for(q.scalar_type()), op, ": lse must be ",
+              lse_dtype_for(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
+              lse.scalar_type());
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// Rows per at::parallel_for task: enough elements that a task outweighs its scheduling.
+int64_t grain_rows(int64_t row_length) {
+  constexpr int64_t kTaskElements = 1 << 15;
+  return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_length));
+}
+
+// In place over `rows` rows of M raw scores s = q kᵀ: P = softmax(s · scale), and
+// lse = logsumexp(s · scale) written to `lse`. P (rows, M), lse (rows,).
+template <typename acc_t>
+void softmax_with_lse(acc_t* p, acc_t* lse, int64_t rows, int64_t M, acc_t scale) {
+  at::parallel_for(0, rows, grain_rows(M), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* row = p + r * M;
+      acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t m = 0; m < M; ++m) {
+        row[m] *= scale;
+        row_max = std::max(row_max, row[m]);
+      }
+      acc_t sum = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        row[m] = std::exp(row[m] - row_max);
+        sum += row[m];
+      }
+      lse[r] = row_max + std::log(sum);
+      const acc_t inv_sum = acc_t(1) / sum;
+      for (int64_t m = 0; m < M; ++m) {
+        row[m] *= inv_sum;
+      }
+    }
+  });
+}
+
+// The softmax backward, in place over `rows` rows:
+//   p:  in raw scores s = q kᵀ, out P = exp(s · scale − lse) (from the saved lse)
+//   ds: in dP = grad_out vᵀ,    out dS = scale · P ∘ (dP − D), D = rowsum(grad_out ∘ out)
+// p, ds (rows, M); lse (rows,); go = grad_out and out (rows, dv).
+template <typename acc_t>
+void softmax_backward(acc_t* p, acc_t* ds, const acc_t* lse, const acc_t* go, const acc_t* out,
+                      int64_t rows, int64_t M, int64_t dv, acc_t scale) {
+  at::parallel_for(0, rows, grain_rows(M + dv), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t d = 0;  // D = rowsum(P ∘ dP), computed as rowsum(grad_out ∘ out)
+      for (int64_t j = 0; j < dv; ++j) {
+        d += go[r * dv + j] * out[r * dv + j];
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t e = r * M + m;
+        p[e] = std::exp(p[e] * scale - lse[r]);
+        ds[e] = scale * p[e] * (ds[e] - d);  // the score scale, folded in for dq and dk
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                               const at::Tensor& v_in, double scale) {
+  const AttentionSizes s = check_forward_inputs(q_in, k_in, v_in);
+  const NoAutocast no_autocast{};
+  const at::ScalarType acc = lse_dtype_for(q_in.scalar_type());
+  // The matrix products go to ATen's batched BLAS in the accumulation dtype, parallel over the
+  // batch; the softmax stage is ours. Low-precision inputs are widened once, here.
+  const at::Tensor q = q_in.to(acc);
+  const at::Tensor k = k_in.to(acc);
+  const at::Tensor v = v_in.to(acc);
+  at::Tensor lse = at::empty({s.B, s.K}, q.options());
+  at::Tensor probs = at::bmm(q, k.transpose(1, 2));  // (B, K, M): scores, then P
+  AT_DISPATCH_FLOATING_TYPES(acc, kForwardName, [&] {
+    softmax_with_lse<scalar_t>(probs.mutable_data_ptr<scalar_t>(),
+                               lse.mutable_data_ptr<scalar_t>(), s.B * s.K, s.M,
+                               static_cast<scalar_t>(scale));
+  });
+  return {at::bmm(probs, v).to(q_in.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
+  const AttentionSizes s = check_backward_inputs(grad_out_in, q_in, k_in, v_in, out_in, lse_in);
+  const NoAutocast no_autocast{};
+  const at::ScalarType acc = lse_in.scalar_type();
+  // Our loops read grad_out and out row by row: .contiguous() also materialises an expanded
+  // (stride-0) grad_out, e.g. the gradient of a sum().
+  const at::Tensor go = grad_out_in.to(acc).contiguous();
+  const at::Tensor out = out_in.to(acc).contiguous();
+  const at::Tensor q = q_in.to(acc);
+  const at::Tensor k = k_in.to(acc);
+  const at::Tensor v = v_in.to(acc);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor probs = at::bmm(q, k.transpose(1, 2));      // (B, K, M): scores, then P
+  at::Tensor dscores = at::bmm(go, v.transpose(1, 2));  // (B, K, M): dP, then dS
+  AT_DISPATCH_FLOATING_TYPES(acc, kBackwardName, [&] {
+    softmax_backward<scalar_t>(probs.mutable_data_ptr<scalar_t>(),
+                               dscores.mutable_data_ptr<scalar_t>(),
+                               lse.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(),
+                               out.const_data_ptr<scalar_t>(), s.B * s.K, s.M, s.dv,
+                               static_cast<scalar_t>(scale));
+  });
+  const at::ScalarType dtype = q_in.scalar_type();
+  return {at::bmm(dscores, k).to(dtype),                 // dq = dS · k
+          at::bmm(dscores.transpose(1, 2), q).to(dtype),  // dk = dSᵀ · q
+          at::bmm(probs.transpose(1, 2), go).to(dtype)};  // dv = Pᵀ · grad_out
+}
+
+// Whether this build holds the CUDA kernels (setup.py defines DPT_FAST_WITH_CUDA for them).
+bool has_cuda() {
+#ifdef DPT_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace dpt_fast
+
+TORCH_LIBRARY(dpt_fast, m) {
+  m.def(
+      "class_aware_attention(Tensor q, Tensor k, Tensor v, float scale) "
+      "-> (Tensor out, Tensor lse)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "class_aware_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(dpt_fast, CPU, m) {
+  m.impl("class_aware_attention", &dpt_fast::forward_cpu);
+  m.impl("class_aware_attention_backward", &dpt_fast::backward_cpu);
+}
+
+// `import dpt_fast._C` loads this library, which runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dpt_fast C++/CUDA kernels; the ops live in torch.ops.dpt_fast.";
+  m.def("has_cuda", &dpt_fast::has_cuda, "Whether the CUDA kernels were compiled in.");
+}

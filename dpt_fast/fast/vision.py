@@ -1,0 +1,52 @@
+"""The image tower with prompts entering as keys/values only (DESIGN §2, 1-3).
+
+* No concatenation: a prompt token contributes its key and value to the attention and nothing
+  else; its query, attention output and MLP are never computed.
+* Deep prompts are the same for every image: their ln_1 + K/V projection runs once per layer on
+  (1, P, W) and the attention broadcasts it over the batch.
+* Only the CLS token leaves the tower: the last layer computes K/V for every token but query,
+  output projection and MLP for CLS alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dpt_fast.clip_interop import vision_embed, vision_head
+from dpt_fast.fast.blocks import BlockParts, check_fast_block
+
+# Called for the CAVPT layers: (layer index, tokens (B, N, W)) -> prompt tokens (B, K, W).
+ClassPromptFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class PromptedVisionEncoder:
+    """Runs the frozen image tower with optional deep and class-aware prompts."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        self.visual = visual
+        for i, block in enumerate(visual.transformer.resblocks):
+            check_fast_block(block, f"vision block {i}")
+        self.blocks = [BlockParts(b) for b in visual.transformer.resblocks]
+
+    def __call__(self, images: torch.Tensor, deep_prompts: torch.Tensor | None = None,
+                 class_prompts: ClassPromptFn | None = None,
+                 class_start: int | None = None) -> torch.Tensor:
+        """Image features (B, E).
+
+        deep_prompts: (n_deep, P, W) tokens of layers 0..n_deep-1, shared by all images.
+        class_prompts / class_start: per-image prompts for layers class_start..L-1.
+        """
+        x = vision_embed(self.visual, images)  # (B, N, W)
+        n_deep = deep_prompts.shape[0] if deep_prompts is not None else 0
+        last = len(self.blocks) - 1
+        for i, parts in enumerate(self.blocks):
+            prompt_k = prompt_v = None
+            if i < n_deep:
+                prompt_k, prompt_v = parts.prompt_kv(deep_prompts[i : i + 1].to(x.dtype))
+            elif class_prompts is not None and i >= class_start:
+                prompt_k, prompt_v = parts.prompt_kv(class_prompts(i, x).to(x.dtype))
+            x = parts.forward(x, prompt_k, prompt_v, queries=1 if i == last else None)
+        return vision_head(self.visual, x)

@@ -1,0 +1,142 @@
+"""Class-aware attention of DPT's CAVPT module: ``softmax(q kᵀ · scale) · v``.
+
+Shapes: q (B, K, dk) holds the K class-aware queries, k (B, M, dk) and v (B, M, dv) the M tokens
+they attend over; the result is (B, K, dv).
+
+``class_aware_attention`` runs the fused C++/CUDA kernels of ``dpt_fast._C``
+(``torch.ops.dpt_fast.class_aware_attention`` and ``..._backward``) when the extension is loaded
+and has a kernel for the tensors' device, and an equivalent PyTorch composition otherwise. Both
+accumulate in float32 (float64 for float64 inputs). ``class_aware_attention_ref`` is the plain
+composition in the inputs' own dtype, the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dpt_fast.ops import _extension
+
+_FORWARD_OP = "dpt_fast::class_aware_attention"
+_BACKWARD_OP = "dpt_fast::class_aware_attention_backward"
+
+
+def class_aware_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ · scale, dim=-1) · v`` with fused kernels, differentiable in q, k and v.
+
+    Args:
+        q: (B, K, dk) queries.
+        k: (B, M, dk) keys, M >= 1.
+        v: (B, M, dv) values.
+        scale: score scale; defaults to ``1 / sqrt(dk)``.
+
+    Returns:
+        (B, K, dv) in the common dtype of the inputs.
+
+    Mixed dtypes are cast to one common dtype first, since the kernels take a single dtype:
+    under autocast for the inputs' device, the autocast dtype (as ``torch.bmm`` does; float64
+    inputs are left alone, as autocast leaves them); otherwise ``torch.promote_types`` of the
+    three (e.g. bfloat16 with float32 gives float32). The result has that dtype.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = _to_common_dtype(q, k, v)
+    if _has_fused_kernel(q):
+        return torch.ops.dpt_fast.class_aware_attention(q, k, v, scale)[0]
+    return _composition(q, k, v, scale)
+
+
+def class_aware_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
+) -> Tensor:
+    """Plain PyTorch ``softmax(q kᵀ · scale) · v`` in the inputs' dtype: the test oracle.
+
+    q (B, K, dk), k (B, M, dk), v (B, M, dv) -> (B, K, dv). Run it on float64 copies for the
+    exact answer, or on low-precision inputs for PyTorch's own rounding error.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def default_scale(dk: int) -> float:
+    """The usual attention scale ``1 / sqrt(dk)`` (1 when dk is 0, where every score is 0)."""
+    return 1.0 / math.sqrt(dk) if dk > 0 else 1.0
+
+
+def _to_common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v cast to the one dtype the kernels will run in (see class_aware_attention)."""
+    device_type = q.device.type
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if torch.is_autocast_enabled(device_type) and torch.float64 not in dtypes:
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _has_fused_kernel(q: Tensor) -> bool:
+    """Whether torch.ops.dpt_fast has a kernel for q's device in this build."""
+    if not _extension.extension_available():
+        return False
+    device_type = q.device.type
+    return device_type == "cpu" or (device_type == "cuda" and _extension.cuda_kernels_available())
+
+
+def _composition(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Fallback without the extension: the composition, accumulated in float32 (or float64)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(scores, dim=-1), v.to(acc)).to(q.dtype)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp, as the C++ op returns it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- registrations on the C++ ops: fake kernels (torch.compile, meta tensors) and autograd -----
+
+
+def _fake_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Shapes of the forward op's results: out (B, K, dv) in q's dtype, lse (B, K)."""
+    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "q, k, v must be 3-D")
+    batch, rows = q.shape[0], q.shape[1]
+    out = q.new_empty((batch, rows, v.shape[2]))
+    lse = q.new_empty((batch, rows), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+def _fake_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Shapes of the backward op's results: contiguous gradients shaped like q, k, v."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    # lse is a by-product saved for backward; no gradient flows through it.
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple:
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.dpt_fast.class_aware_attention_backward(
+        grad_out.to(out.dtype), q, k, v, out, lse, ctx.scale
+    )
+    return grad_q, grad_k, grad_v, None
+
+
+def _register() -> None:
+    """Attaches the fake kernels and the autograd formula to the C++ ops (once, at import)."""
+    torch.library.register_fake(_FORWARD_OP)(_fake_forward)
+    torch.library.register_fake(_BACKWARD_OP)(_fake_backward)
+    torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
+
+
+if _extension.extension_available():
+    _register()
