@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -109,3 +112,30 @@ def test_gelu_clip_parity(classnames, images, labels):
     fast = DPT(clip, classnames)
     fast.load_state_dict(ref.state_dict())
     torch.testing.assert_close(fast(images).logits, ref(images).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_package_works_without_the_extension():
+    # A failed extension build must leave a working package: one warning, PyTorch fallbacks.
+    code = """
+import sys, warnings
+sys.modules["dpt_fast._C"] = None  # makes `import dpt_fast._C` fail like a missing build
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    from dpt_fast import DPT, DPTConfig
+    from dpt_fast.reference import DPT as ReferenceDPT
+    from dpt_fast.testing import tiny_clip
+    clip = tiny_clip()
+    images = torch.randn(2, 3, 32, 32)
+    ref = ReferenceDPT(clip, ["cat", "dog", "bird"], DPTConfig(cavpt_top_k=2))
+    fast = DPT(clip, ["cat", "dog", "bird"], DPTConfig(cavpt_top_k=2))
+    fast.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(fast(images).logits, ref(images).logits, rtol=1e-5, atol=1e-5)
+messages = [str(w.message) for w in caught if "dpt_fast._C" in str(w.message)]
+assert len(messages) == 1, messages
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

@@ -12,12 +12,11 @@ composition in the inputs' own dtype, the test oracle.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from dpt_fast.ops import _extension
+from dpt_fast.ops._common import default_scale, lse_dtype, to_common_dtype
 
 _FORWARD_OP = "dpt_fast::class_aware_attention"
 _BACKWARD_OP = "dpt_fast::class_aware_attention_backward"
@@ -41,7 +40,7 @@ def class_aware_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None =
     three (e.g. bfloat16 with float32 gives float32). The result has that dtype.
     """
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = _to_common_dtype(q, k, v)
+    q, k, v = to_common_dtype(q, k, v)
     if _has_fused_kernel(q):
         return torch.ops.dpt_fast.class_aware_attention(q, k, v, scale)[0]
     return _composition(q, k, v, scale)
@@ -59,20 +58,8 @@ def class_aware_attention_ref(
     return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
-def default_scale(dk: int) -> float:
-    """The usual attention scale ``1 / sqrt(dk)`` (1 when dk is 0, where every score is 0)."""
-    return 1.0 / math.sqrt(dk) if dk > 0 else 1.0
 
 
-def _to_common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v cast to the one dtype the kernels will run in (see class_aware_attention)."""
-    device_type = q.device.type
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    if torch.is_autocast_enabled(device_type) and torch.float64 not in dtypes:
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _has_fused_kernel(q: Tensor) -> bool:
@@ -90,9 +77,6 @@ def _composition(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.matmul(torch.softmax(scores, dim=-1), v.to(acc)).to(q.dtype)
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp, as the C++ op returns it."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- registrations on the C++ ops: fake kernels (torch.compile, meta tensors) and autograd -----
@@ -103,7 +87,7 @@ def _fake_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "q, k, v must be 3-D")
     batch, rows = q.shape[0], q.shape[1]
     out = q.new_empty((batch, rows, v.shape[2]))
-    lse = q.new_empty((batch, rows), dtype=_lse_dtype(q.dtype))
+    lse = q.new_empty((batch, rows), dtype=lse_dtype(q.dtype))
     return out, lse
 
 

@@ -26,13 +26,13 @@ the kernels through Triton's interpreter and requires ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch import Tensor
 
 from dpt_fast.kernels import prompt_attention as _kernels
+from dpt_fast.ops._common import default_scale, lse_dtype, to_common_dtype
 
 _FWD_OP = "dpt_fast::prompt_attention_fwd"
 _BWD_OP = "dpt_fast::prompt_attention_bwd"
@@ -64,7 +64,7 @@ def prompt_attention(
     """
     _check_shapes(q, k, v, k_prompt, v_prompt)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    q, k, v, k_prompt, v_prompt = _to_common_dtype(q, k, v, k_prompt, v_prompt)
+    q, k, v, k_prompt, v_prompt = to_common_dtype(q, k, v, k_prompt, v_prompt)
     if _backend(q) == "triton":
         return torch.ops.dpt_fast.prompt_attention_fwd(
             q, k, v, k_prompt, v_prompt, bool(causal), scale)[0]
@@ -106,9 +106,6 @@ def prompt_attention_ref(
     return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 
-def default_scale(dim: int) -> float:
-    """The usual attention scale ``1 / sqrt(D)`` (1 when D is 0)."""
-    return 1.0 / math.sqrt(dim) if dim > 0 else 1.0
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -155,17 +152,6 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: T
         raise ValueError("prompt_attention needs at least one key: Nk + P > 0")
 
 
-def _to_common_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors in the one dtype the op runs in (see prompt_attention)."""
-    device_type = tensors[0].device.type
-    dtypes = [t.dtype for t in tensors]
-    if torch.is_autocast_enabled(device_type) and torch.float64 not in dtypes:
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = dtypes[0]
-        for other in dtypes[1:]:
-            dtype = torch.promote_types(dtype, other)
-    return tuple(t.to(dtype) for t in tensors)
 
 
 def _concat_kv(
@@ -185,8 +171,6 @@ def _visible(n_q: int, n_p: int, n_k: int, device: torch.device) -> Tensor:
     return torch.cat([prompt, cols <= rows], dim=1)
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- the custom ops: CUDA (or interpreter) kernels, with a math implementation for CPU ----------
@@ -237,7 +221,7 @@ def _fwd_math(
     lse = torch.logsumexp(scores, dim=-1)
     values = torch.cat([v_prompt.expand(q.shape[0], -1, -1, -1), v], dim=2).to(acc)
     out = torch.matmul(torch.exp(scores - lse[..., None]), values)
-    return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+    return out.to(q.dtype).contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
 def _bwd_math(
@@ -271,7 +255,7 @@ def _fwd_fake(
 ) -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq)."""
     out = q.new_empty(q.shape)
-    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    lse = q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
     return out, lse
 
 
