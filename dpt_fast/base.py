@@ -40,11 +40,11 @@ META_CLASSNAMES = "dpt_meta.classnames"
 META_CONFIG = "dpt_meta.config"
 
 
-def _json_tensor(obj) -> torch.Tensor:
+def encode_json_tensor(obj) -> torch.Tensor:
     return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).clone()
 
 
-def _tensor_json(t: torch.Tensor):
+def decode_json_tensor(t: torch.Tensor):
     return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
 
 
@@ -250,9 +250,13 @@ class DPTBase(nn.Module):
             out.logits_handcrafted_text = scale * image_n @ handcrafted.t()
         return out
 
-    def loss(self, output: DPTOutput, labels: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The authors' objective for ``epoch`` (0-based); see :func:`dpt_fast.loss.dpt_loss`."""
-        return dpt_loss(output, labels, epoch, self.config)
+    def loss(self, output: DPTOutput, labels: torch.Tensor, epoch: int, *,
+             layer_denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """The authors' objective for ``epoch`` (0-based); see :func:`dpt_fast.loss.dpt_loss`.
+
+        ``layer_denominator`` is for data-parallel training (see ``layer_logit_loss``).
+        """
+        return dpt_loss(output, labels, epoch, self.config, layer_denominator)
 
     # ----------------------------------------------------------------------------- loading
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -287,8 +291,8 @@ def _state_dict_post_hook(module: DPTBase, state_dict, prefix: str, local_metada
     # The frozen CLIP is not part of DPT's state: drop it, and record what the prompts belong to.
     for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
         del state_dict[key]
-    state_dict[prefix + META_CLASSNAMES] = _json_tensor(module.classnames)
-    state_dict[prefix + META_CONFIG] = _json_tensor(module.config.model_fields())
+    state_dict[prefix + META_CLASSNAMES] = encode_json_tensor(module.classnames)
+    state_dict[prefix + META_CONFIG] = encode_json_tensor(module.config.model_fields())
 
 
 def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
@@ -324,7 +328,7 @@ def _load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, 
             "load_official_checkpoint)"
         )
         return
-    problems = _describe_mismatch(module, _tensor_json(names), _tensor_json(config))
+    problems = _describe_mismatch(module, decode_json_tensor(names), decode_json_tensor(config))
     if problems:
         error_msgs.append("state_dict does not belong to this model: " + "; ".join(problems))
 

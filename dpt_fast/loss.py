@@ -31,26 +31,36 @@ def check_labels(labels: torch.Tensor, batch_size: int, n_classes: int) -> None:
         )
 
 
+def layer_hits(topk_indices: torch.Tensor, labels: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """(B, L, K) mask of the slots whose selected class equals the label."""
+    return (topk_indices == labels[:, None])[:, None, :].expand(-1, n_layers, -1)
+
+
 def layer_logit_loss(layer_logits: torch.Tensor, topk_indices: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
+                     labels: torch.Tensor, denominator: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Mean CE of the layer logits of the selected slots whose class is the label.
 
     layer_logits: (B, L_cavpt, K, C); topk_indices: (B, K); labels: (B,) -> scalar.
     The authors skip the term when no selected class equals its label; here it is then exactly
     0, computed as a masked mean so that no host sync (and no graph break) is needed.
+    ``denominator`` replaces the local number of hits (data-parallel training passes the global
+    count divided by the number of processes, so averaged gradients equal one big batch's).
     """
     _, n_layers, k, n_classes = layer_logits.shape
-    hit = (topk_indices == labels[:, None])[:, None, :].expand(-1, n_layers, -1)  # (B, L, K)
+    hit = layer_hits(topk_indices, labels, n_layers)  # (B, L, K)
     targets = labels[:, None, None].expand(-1, n_layers, k)
     per_slot = F.cross_entropy(
         _upcast(layer_logits).reshape(-1, n_classes), targets.reshape(-1), reduction="none"
     )
     weight = hit.reshape(-1).to(per_slot.dtype)
-    return (per_slot * weight).sum() / weight.sum().clamp(min=1.0)
+    if denominator is None:
+        denominator = weight.sum().clamp(min=1.0)
+    return (per_slot * weight).sum() / denominator
 
 
-def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int,
-             config: DPTConfig) -> torch.Tensor:
+def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int, config: DPTConfig,
+             layer_denominator: torch.Tensor | None = None) -> torch.Tensor:
     """The objective of ``config.method`` at ``epoch`` (0-based), shared/DESIGN.md §1.
 
     Guidance epochs (epoch < guidance_epochs, methods with guidance):
@@ -78,6 +88,6 @@ def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int,
         loss = main
     if output.layer_logits is not None and output.topk_indices is not None:
         loss = loss + config.alpha * layer_logit_loss(
-            output.layer_logits, output.topk_indices, labels
+            output.layer_logits, output.topk_indices, labels, layer_denominator
         )
     return loss

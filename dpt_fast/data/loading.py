@@ -1,0 +1,141 @@
+"""Image transforms, the torch Dataset of records, and reproducible DataLoaders.
+
+The transforms are what Dassl builds from the authors' config (``configs/trainers/VPT``:
+``INPUT.SIZE (224, 224)``, ``INTERPOLATION "bicubic"``, CLIP's mean/std and ``TRANSFORMS
+["random_resized_crop", "random_flip", "normalize"]``):
+
+* train: ``RandomResizedCrop(size, scale=(0.08, 1.0), bicubic)``, ``RandomHorizontalFlip()``,
+  ``ToTensor()``, ``Normalize`` (no resize first: Dassl skips it when a random crop is chosen);
+* test: ``Resize(size, bicubic)`` of the shorter side, ``CenterCrop(size)``, ``ToTensor()``,
+  ``Normalize``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from dpt_fast.data.records import Datum
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_IMAGE_SIZE = 224
+# Dassl's INPUT.RRCROP_SCALE default (the authors' configs do not override it).
+RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
+INTERPOLATION = InterpolationMode.BICUBIC
+_SEED_MODULUS = 2**32  # numpy seeds must be < 2**32
+
+
+def build_transforms(train: bool, image_size: int = DEFAULT_IMAGE_SIZE) -> T.Compose:
+    """Dassl's train or test pipeline for the authors' config, producing CLIP-normalised
+    ``(3, image_size, image_size)`` float tensors from PIL images."""
+    if train:
+        spatial: list[Callable] = [
+            T.RandomResizedCrop((image_size, image_size), scale=RANDOM_RESIZED_CROP_SCALE,
+                                interpolation=INTERPOLATION),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        spatial = [
+            T.Resize(image_size, interpolation=INTERPOLATION),
+            T.CenterCrop((image_size, image_size)),
+        ]
+    return T.Compose([*spatial, T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
+
+
+class ImageReadError(OSError):
+    """An image file could not be opened or decoded; the message names the file."""
+
+
+class ImageDataset(Dataset):
+    """``(transform(image), label)`` for each record, images read as RGB (Dassl's
+    ``read_image``)."""
+
+    def __init__(self, items: Sequence[Datum], transform: Callable | None = None) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.items[index]
+        image = load_rgb(item.impath)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, item.label
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open ``path`` as an RGB image, decoding it fully now so that a truncated or corrupt file
+    fails here, naming the file, rather than later inside a transform.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable or not a decodable image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``random`` and numpy in a DataLoader worker from the seed torch gave it.
+
+    torch seeds each worker with ``base_seed + worker_id`` (``base_seed`` drawn from the
+    loader's generator) but leaves ``random`` and numpy alone, so augmentations using them
+    would repeat across workers and runs would not be reproducible.
+    """
+    del worker_id  # already folded into torch.initial_seed() by torch
+    seed = torch.initial_seed() % _SEED_MODULUS
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for torch; nothing to seed then
+        return
+    np.random.seed(seed)  # noqa: NPY002 -- the global state is what augmentations draw from
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader that shuffles reproducibly.
+
+    Args:
+        dataset: e.g. an :class:`ImageDataset`.
+        batch_size: images per batch.
+        train: shuffle (unless ``sampler`` is given).
+        num_workers: loader processes; workers persist across epochs when > 0.
+        sampler: overrides shuffling (e.g. a DistributedSampler).
+        seed: seeds the shuffling generator and, through it, the workers' seeds, so the same
+            seed gives the same batches and augmentations.
+        drop_last: drop the last incomplete batch. False by default; Dassl's training loader
+            drops it whenever the dataset holds at least one batch.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+        worker_init_fn=seed_worker if num_workers > 0 else None,
+    )

@@ -1,0 +1,218 @@
+"""The protocols of the CoOp family, end to end: train + evaluate, evaluate a checkpoint.
+
+* few-shot on all classes: ``train_run`` with subsample="all";
+* base-to-new: ``train_run`` with subsample="base" also evaluates the new classes and reports
+  the harmonic mean;
+* cross-dataset and domain generalisation: ``eval_run`` of a checkpoint on another dataset
+  (its classes may differ: the class-independent prompts transfer, see ``load_for_classes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from dpt_fast.base import META_CLASSNAMES, META_CONFIG, DPTBase, decode_json_tensor
+from dpt_fast.config import DPTConfig
+from dpt_fast.data import (
+    DatasetSplits,
+    ImageDataset,
+    build_dataset,
+    build_transforms,
+    image_folder_dataset,
+)
+from dpt_fast.engine import checkpoint as ckpt
+from dpt_fast.engine.config import TrainConfig, config_to_dict
+from dpt_fast.engine.distributed import close_distributed, init_distributed
+from dpt_fast.engine.metrics import harmonic_mean
+from dpt_fast.engine.trainer import (
+    LAST_CHECKPOINT,
+    Trainer,
+    autocast_dtype,
+    evaluate,
+    resolve_device,
+    seed_all,
+)
+from dpt_fast.model import DPT
+
+log = logging.getLogger("dpt_fast")
+
+# Tensors tied to the training classes: they cannot move to another class set.
+_CLASS_SPECIFIC = re.compile(r"^cavpt\.layers\.\d+\.classifier\.weight$")
+
+
+def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module:
+    """An open_clip CLIP by model name or local config .json, with pretrained weights.
+
+    ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path, or "" / "none"
+    for random weights (tests, smoke runs).
+    """
+    name = backbone
+    if backbone.endswith(".json"):
+        path = Path(backbone)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config not found: {path}")
+        open_clip.add_model_config(path)
+        name = path.stem
+    weights = None if pretrained.lower() in ("", "none") else pretrained
+    if weights and (weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or "/" in weights) \
+            and not Path(weights).is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {weights}")
+    clip = open_clip.create_model(name, pretrained=weights, device=device)
+    return clip.eval()
+
+
+def load_splits(dataset: str, root: str, shots: int, seed: int, subsample: str) -> DatasetSplits:
+    """A CoOp dataset by name, or ``dataset="folder"``: a root/{train,val,test}/<class> tree."""
+    if dataset == "folder":
+        if subsample != "all":
+            raise ValueError("base/new subsampling needs a named dataset, not an image folder")
+        return image_folder_dataset(root, shots=shots, seed=seed)
+    return build_dataset(dataset, root, shots=shots, seed=seed, subsample=subsample)
+
+
+def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
+    """Load a DPT state_dict into ``model``, which may be built for other classes.
+
+    Same classes: strict ``load_state_dict``. Other classes (cross-dataset, base-to-new,
+    domain generalisation): everything but the CAVPT layer classifiers, as the authors' loader
+    does; the config must match, and class-specific text contexts cannot transfer.
+    """
+    source_classes = decode_json_tensor(state[META_CLASSNAMES])
+    source_config = decode_json_tensor(state[META_CONFIG])
+    if source_config != model.config.model_fields():
+        diff = sorted(k for k in source_config if source_config[k] != model.config.model_fields()
+                      .get(k))
+        raise ValueError(f"checkpoint config differs from this model in {diff}")
+    if source_classes == model.classnames:
+        model.load_state_dict(state)
+        return
+    if model.config.class_specific_ctx:
+        raise ValueError("class-specific text contexts (class_specific_ctx=True) belong to the "
+                         "training classes and cannot be evaluated on other classes")
+    shared = {k: v for k, v in state.items()
+              if not _CLASS_SPECIFIC.match(k) and not k.startswith("dpt_meta.")}
+    result = model.load_state_dict(shared, strict=False)
+    left = [k for k in result.missing_keys if not _CLASS_SPECIFIC.match(k)]
+    if left or result.unexpected_keys:
+        raise ValueError(f"checkpoint does not fit: missing {left}, "
+                         f"unexpected {result.unexpected_keys}")
+
+
+def _eval_split(model: DPTBase, splits: DatasetSplits, config: TrainConfig,
+                device: torch.device, info, desc: str) -> dict:
+    dataset = ImageDataset(splits.test, build_transforms(train=False,
+                                                         image_size=model.geometry.image_size[0]))
+    return evaluate(model, dataset, [d.label for d in splits.test], device=device, info=info,
+                    batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                    amp_dtype=autocast_dtype(config.precision, device), desc=desc)
+
+
+def _model_config(config: TrainConfig, splits: DatasetSplits,
+                  template_explicit: bool) -> DPTConfig:
+    if template_explicit:
+        return config.model
+    return dataclasses.replace(config.model, template=splits.template)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
+    """Train on ``config.dataset`` and evaluate on its test split (base and new classes for
+    subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir."""
+    info = init_distributed(torch.device("cuda" if config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()) else "cpu"))
+    try:
+        device = resolve_device(config.device, info)
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        splits = load_splits(config.dataset, config.root, config.shots, config.seed,
+                             config.subsample)
+        model_config = _model_config(config, splits, template_explicit)
+        clip = load_clip(config.backbone, config.pretrained, device)
+        seed_all(config.seed)  # same prompt initialisation on every process
+        model = DPT(clip, splits.classnames, model_config)
+        image_size = model.geometry.image_size[0]
+        train_set = ImageDataset(splits.train, build_transforms(train=True,
+                                                                image_size=image_size))
+        run_config = dataclasses.replace(config, model=model_config)
+        trainer = Trainer(model, run_config, train_set, device, info, output_dir)
+        if config.resume:
+            trainer.resume()
+        if info.is_main:
+            _write_json(output_dir / "config.json", config_to_dict(run_config))
+        history = trainer.fit()
+        results = {"config": config_to_dict(run_config), "dataset": config.dataset,
+                   "classes": splits.classnames, "history": history}
+        results["test"] = _eval_split(model, splits, run_config, device, info, "test")
+        if config.subsample == "base":
+            new = load_splits(config.dataset, config.root, config.shots, config.seed, "new")
+            new_model = DPT(clip, new.classnames, model_config)
+            load_for_classes(new_model, model.state_dict())
+            results["test_new"] = _eval_split(new_model, new, run_config, device, info, "new")
+            results["harmonic_mean"] = harmonic_mean(results["test"]["accuracy"],
+                                                     results["test_new"]["accuracy"])
+        if info.is_main:
+            _write_json(output_dir / "results.json", results)
+            log.info("test accuracy %.2f%%", results["test"]["accuracy"])
+        return results
+    finally:
+        close_distributed()
+
+
+def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
+             official_dir: str | None = None, official_epoch: int | None = None,
+             template_explicit: bool = False) -> dict:
+    """Evaluate prompts on ``config.dataset``'s test split: a dpt_fast checkpoint (its saved
+    config is used) or the authors' checkpoint directory (``config.model`` describes it)."""
+    info = init_distributed(torch.device("cuda" if torch.cuda.is_available()
+                                         and config.device != "cpu" else "cpu"))
+    try:
+        device = resolve_device(config.device, info)
+        state = None
+        model_config = config.model
+        if checkpoint is not None:
+            tensors, meta = ckpt.read_checkpoint(checkpoint)
+            state = ckpt.model_state(tensors)
+            saved = meta["config"]
+            model_config = DPTConfig(**saved["model"])
+            template_explicit = True  # the checkpoint's template is part of its config
+            if config.backbone != saved["backbone"]:
+                log.warning("evaluating with backbone %s; the checkpoint was trained with %s",
+                            config.backbone, saved["backbone"])
+        elif official_dir is None:
+            raise ValueError("eval needs --checkpoint or --official-dir")
+        splits = load_splits(config.dataset, config.root, -1, config.seed, config.subsample)
+        if not template_explicit:
+            model_config = dataclasses.replace(model_config, template=splits.template)
+        clip = load_clip(config.backbone, config.pretrained, device)
+        model = DPT(clip, splits.classnames, model_config)
+        if state is not None:
+            load_for_classes(model, state)
+        else:
+            model.load_official_checkpoint(official_dir, official_epoch,
+                                           load_layer_classifiers=False)
+        report = _eval_split(model, splits, config, device, info, "test")
+        results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
+                   "test": report}
+        if info.is_main:
+            out = Path(config.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
+        return results
+    finally:
+        close_distributed()
+
+
+__all__ = ["LAST_CHECKPOINT", "eval_run", "load_clip", "load_for_classes", "train_run"]

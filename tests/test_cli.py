@@ -1,0 +1,176 @@
+"""The CLI end to end on a generated image folder and a tiny CLIP saved to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpt_fast.cli import build_parser, main
+from dpt_fast.engine import checkpoint as ckpt
+from dpt_fast.engine import trainer as trainer_module
+from dpt_fast.testing import tiny_clip
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+TINY_CONFIG = {
+    "embed_dim": 24,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16,
+                   "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory) -> tuple[str, str]:
+    """(open_clip config .json, weights .pt) of a tiny random CLIP."""
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "tiny-test-clip.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    weights = folder / "tiny-test-clip.pt"
+    torch.save(tiny_clip(seed=3).state_dict(), weights)
+    return str(config), str(weights)
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """An easy 3-class task: noisy squares of one colour per class, train/ and test/."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _train_args(clip_files, root, out, epochs=4, extra=()):
+    config, weights = clip_files
+    return ["train", "--dataset", "folder", "--root", str(root), "--shots", "-1",
+            "--backbone", config, "--pretrained", weights, "--epochs", str(epochs),
+            "--batch-size", "6", "--num-workers", "0", "--warmup-epochs", "0",
+            "--text-warmup-epochs", "0", "--lr", "0.05", "--text-lr", "0.05",
+            "--device", "cpu", "--output-dir", str(out), "--n-text-ctx", "4",
+            "--cavpt-top-k", "2", *extra]
+
+
+def _prompts(path: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = ckpt.read_checkpoint(path)
+    return ckpt.model_state(tensors)
+
+
+def test_help_documents_fields_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--n-text-ctx" in text and "learnable text context tokens" in text
+    assert "(default: 0.002)" in text and "--cavpt-start-layer" in text
+
+
+def test_train_resume_and_eval(clip_files, colour_folder, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full"
+    assert main(_train_args(clip_files, colour_folder, full)) == 0
+    log = [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns the colours
+    results = json.loads((full / "results.json").read_text())
+    assert results["test"]["n"] == 12 and 0 <= results["test"]["accuracy"] <= 100
+    assert set(results["test"]["per_class_accuracy"]) == set(COLOURS)
+
+    # Interrupt a second run after two epochs, resume it: same prompts as uninterrupted.
+    part = tmp_path / "part"
+    original = trainer_module.Trainer.train_epoch
+
+    def stop_at_third(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(_train_args(clip_files, colour_folder, part))
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", original)
+    _, meta = ckpt.read_checkpoint(part / "checkpoint-last.safetensors")
+    assert meta["epoch"] == 1
+    assert main(_train_args(clip_files, colour_folder, part, extra=["--resume"])) == 0
+    a, b = _prompts(full / "checkpoint-last.safetensors"), _prompts(
+        part / "checkpoint-last.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # eval of the saved checkpoint reproduces the accuracy saved at the end of training
+    capsys.readouterr()
+    config, weights = clip_files
+    assert main(["eval", "--checkpoint", str(full / "checkpoint-last.safetensors"),
+                 "--dataset", "folder", "--root", str(colour_folder), "--backbone", config,
+                 "--pretrained", weights, "--device", "cpu", "--num-workers", "0",
+                 "--output-dir", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval_folder_all.json").read_text())
+    assert evaluated["test"]["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    assert f"{results['test']['accuracy']:.2f}%" in capsys.readouterr().out
+
+
+def test_yaml_config_and_flag_precedence(clip_files, colour_folder, tmp_path):
+    from dpt_fast.cli import resolve_config
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 3\nmethod: vlp\nmodel:\n  n_visual_ctx: 4\nseed: 7\n")
+    args = build_parser().parse_args(["train", "--config", str(yaml_file), "--seed", "9"])
+    config, template_explicit = resolve_config(args)
+    assert (config.epochs, config.seed) == (3, 9)
+    assert (config.model.method, config.model.n_visual_ctx) == ("vlp", 4)
+    assert not template_explicit
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    with pytest.raises(SystemExit, match="epochz"):
+        resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
+
+
+def test_missing_dataset_names_the_layout(clip_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train"):
+        main(_train_args(clip_files, tmp_path / "nowhere", tmp_path / "out"))
+
+
+def test_report_aggregates_seeds(tmp_path, capsys):
+    for seed, acc in ((1, 80.0), (2, 90.0)):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({
+            "dataset": "eurosat", "config": {"seed": seed, "shots": 16, "subsample": "all",
+                                             "backbone": "ViT-B-16", "model": {"method": "dpt"}},
+            "test": {"accuracy": acc, "macro_f1": acc - 1}}))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| eurosat | dpt | 16 | all | ViT-B-16 | 2 | 85.00 ± 7.07 |" in out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(clip_files, colour_folder, tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _train_args(clip_files, colour_folder, single, epochs=2)
+    subprocess.run([sys.executable, "-m", "dpt_fast", *args], check=True, env=env,
+                   capture_output=True, timeout=600)
+    args = _train_args(clip_files, colour_folder, double, epochs=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "dpt_fast", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = _prompts(single / "checkpoint-last.safetensors")
+    b = _prompts(double / "checkpoint-last.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    ra = json.loads((single / "results.json").read_text())["test"]["accuracy"]
+    rb = json.loads((double / "results.json").read_text())["test"]["accuracy"]
+    assert ra == pytest.approx(rb)

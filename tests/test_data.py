@@ -1,0 +1,650 @@
+"""Tests of dpt_fast.data: CoOp layouts, Dassl-identical few-shot draws, pickle interop and
+safety, base/new splits, transforms, the image Dataset and the loaders."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import pickle
+import pickletools
+import random
+import sys
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import (
+    IMAGENET_CLASSES,
+    SPLIT_LAYOUTS,
+    make_dataset,
+    make_imagenet,
+    make_split_dataset,
+    write_image,
+)
+from PIL import Image
+
+from dpt_fast.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DATASETS,
+    Datum,
+    ImageDataset,
+    ImageReadError,
+    build_dataset,
+    build_transforms,
+    dumps_dassl_compatible,
+    fewshot_path,
+    generate_fewshot,
+    image_folder_dataset,
+    load_or_create_fewshot,
+    loads_restricted,
+    read_datum_splits,
+    sample_fewshot_splits,
+    split_by_label,
+    subsample_classes,
+    write_datum_splits,
+)
+from dpt_fast.data.loading import make_loader, seed_worker
+from dpt_fast.data.records import DASSL_DATUM_MODULE, DASSL_DATUM_NAME
+
+TEMPLATES = {  # the authors' CUSTOM_TEMPLATES (trainers/DPT.py), by registry name
+    "imagenet": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "stanford_cars": "a photo of a {}.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "food101": "a photo of {}, a type of food.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "sun397": "a photo of a {}.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenetv2": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+SEEDS = (1, 2, 3)
+SHOTS = (1, 2, 4)
+
+
+def records(items: list[Datum]) -> list[tuple[str, int, str]]:
+    return [(x.impath, x.label, x.classname) for x in items]
+
+
+@pytest.fixture
+def global_random_state():
+    """Tests that seed the global ``random`` (as Dassl does) leave it as they found it."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
+
+
+# --- a faithful re-implementation of Dassl/CoOp's few-shot draws (the oracle) ----------------
+
+def dassl_generate_fewshot_dataset(data_source, num_shots=-1, repeat=False):
+    """Dassl's DatasetBase.generate_fewshot_dataset for one data source, on the global random."""
+    if num_shots < 1:
+        return data_source
+    tracker = defaultdict(list)  # Dassl's split_dataset_by_label
+    for item in data_source:
+        tracker[item.label].append(item)
+    dataset = []
+    for _label, items in tracker.items():
+        if len(items) >= num_shots:
+            sampled_items = random.sample(items, num_shots)
+        elif repeat:
+            sampled_items = random.choices(items, k=num_shots)
+        else:
+            sampled_items = items
+        dataset.extend(sampled_items)
+    return dataset
+
+
+def coop_fewshot(train, val, num_shots, seed):
+    """CoOp: train.py's random.seed(SEED), then the dataset samples train, then val."""
+    random.seed(seed)
+    train = dassl_generate_fewshot_dataset(train, num_shots=num_shots)
+    val = dassl_generate_fewshot_dataset(val, num_shots=min(num_shots, 4))
+    return train, val
+
+
+def uneven_items() -> list[Datum]:
+    """Labels first appear as 2, 0, 3, 1; class sizes 7, 3, 1 (fewer than most K), 5."""
+    sizes = {2: 7, 0: 3, 3: 1, 1: 5}
+    items, counters = [], dict.fromkeys(sizes, 0)
+    while any(counters[y] < n for y, n in sizes.items()):
+        for label, n in sizes.items():
+            if counters[label] < n:
+                items.append(Datum(f"/d/{label}/{counters[label]}.jpg", label, f"c{label}"))
+                counters[label] += 1
+    return items
+
+
+# --- records ----------------------------------------------------------------------------------
+
+def test_datum_attributes_match_dassl():
+    d = Datum("/x/a.jpg", 3, "cat")
+    assert (d.impath, d.label, d.classname, d.domain) == ("/x/a.jpg", 3, "cat", 0)
+    assert d.to_dassl_state() == {"_impath": "/x/a.jpg", "_label": 3, "_domain": 0,
+                                  "_classname": "cat"}
+    with pytest.raises(TypeError, match="label"):
+        Datum("/x/a.jpg", "3", "cat")
+    with pytest.raises(TypeError, match="label"):
+        Datum("/x/a.jpg", True, "cat")
+    with pytest.raises(AttributeError):
+        d.label = 4  # frozen
+
+
+def test_datum_pickles_under_its_own_class_path():
+    # DataLoader workers started with spawn pickle the records: no Dassl needed for that.
+    d = Datum("/x/a.jpg", 3, "cat", domain=1)
+    data = pickle.dumps(d, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"dassl" not in data
+    assert pickle.loads(data) == d
+
+
+# --- few-shot sampling ------------------------------------------------------------------------
+
+def test_split_by_label_keeps_first_appearance_order():
+    groups = split_by_label(uneven_items())
+    assert list(groups) == [2, 0, 3, 1]
+    assert [len(v) for v in groups.values()] == [7, 3, 1, 5]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shots", SHOTS)
+def test_generate_fewshot_matches_dassl_sample_for_sample(seed, shots, global_random_state):
+    items = uneven_items()
+    random.seed(seed)
+    expected = dassl_generate_fewshot_dataset(items, num_shots=shots)
+    after_dassl = random.random()
+    # A seed, a Random instance and the global module (after random.seed) all draw the same.
+    assert generate_fewshot(items, shots, seed) == expected
+    assert generate_fewshot(items, shots, random.Random(seed)) == expected
+    random.seed(seed)
+    assert generate_fewshot(items, shots, None) == expected
+    assert random.random() == after_dassl  # the global stream advanced exactly as Dassl's
+    # The class with one image keeps it; others get exactly `shots`.
+    counts = {y: len(v) for y, v in split_by_label(expected).items()}
+    assert counts == {y: min(n, shots) for y, n in {2: 7, 0: 3, 3: 1, 1: 5}.items()}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_generate_fewshot_repeat_matches_dassl(seed, global_random_state):
+    items = uneven_items()
+    random.seed(seed)
+    expected = dassl_generate_fewshot_dataset(items, num_shots=4, repeat=True)
+    assert generate_fewshot(items, 4, seed, repeat=True) == expected
+    assert len(expected) == 4 * 4
+
+
+def test_generate_fewshot_without_shots_returns_everything():
+    items = uneven_items()
+    assert generate_fewshot(items, -1, 1) == items
+    assert generate_fewshot(items, 0, 1) == items
+    with pytest.raises(TypeError, match="rng"):
+        generate_fewshot(items, 2, "1")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shots", SHOTS)
+def test_train_then_val_draws_match_coop(seed, shots, global_random_state):
+    train = uneven_items()
+    val = [Datum(x.impath.replace("/d/", "/v/"), x.label, x.classname) for x in uneven_items()]
+    expected_train, expected_val = coop_fewshot(train, val, shots, seed)
+    got_train, got_val = sample_fewshot_splits(train, val, shots, seed)
+    assert got_train == expected_train
+    assert got_val == expected_val
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_build_dataset_fewshot_matches_coop_end_to_end(tmp_path, seed, global_random_state):
+    make_split_dataset(tmp_path, "oxford_pets")
+    full = build_dataset("oxford_pets", tmp_path)
+    expected_train, expected_val = coop_fewshot(full.train, full.val, 4, seed)
+    data = build_dataset("oxford_pets", tmp_path, shots=4, seed=seed)
+    assert data.train == expected_train
+    assert data.val == expected_val
+    assert data.test == full.test  # the test split is never sampled
+    assert fewshot_path(tmp_path / "oxford_pets", 4, seed).is_file()
+
+
+# --- few-shot cache files ---------------------------------------------------------------------
+
+def test_fewshot_cache_round_trip_and_reuse(tmp_path):
+    train, val = uneven_items(), uneven_items()[:6]
+    got = load_or_create_fewshot(tmp_path, train, val, 2, 1)
+    path = tmp_path / "split_fewshot" / "shot_2-seed_1.pkl"
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    assert read_datum_splits(path, ("train", "val")) == {"train": got[0], "val": got[1]}
+    # An existing file wins over a fresh draw: a planted selection is returned as is.
+    planted = {"train": train[:1], "val": val[:1]}
+    write_datum_splits(path, planted)
+    assert load_or_create_fewshot(tmp_path, train, val, 2, 1) == (train[:1], val[:1])
+
+
+def test_fewshot_cache_without_val_writes_train_only(tmp_path):
+    # CoOp's ImageNet: the validation set is the test set, only train is sampled and cached.
+    train_fs, val_fs = load_or_create_fewshot(tmp_path, uneven_items(), None, 2, 3)
+    assert val_fs is None
+    data = loads_restricted(fewshot_path(tmp_path, 2, 3).read_bytes())
+    assert list(data) == ["train"] and data["train"] == train_fs
+
+
+def test_fewshot_cache_unwritable_warns_and_still_samples(tmp_path):
+    (tmp_path / "split_fewshot").write_text("a file where the directory should be")
+    with pytest.warns(UserWarning, match="could not cache"):
+        train_fs, _ = load_or_create_fewshot(tmp_path, uneven_items(), None, 1, 1)
+    assert train_fs == generate_fewshot(uneven_items(), 1, 1)
+
+
+def test_fewshot_cache_with_wrong_shape_is_an_error(tmp_path):
+    path = fewshot_path(tmp_path, 1, 1)
+    write_datum_splits(path, {"train": uneven_items()})
+    with pytest.raises(ValueError, match="missing split 'val'"):
+        load_or_create_fewshot(tmp_path, uneven_items(), uneven_items(), 1, 1)
+    path.write_bytes(pickle.dumps({"train": [1, 2]}))
+    with pytest.raises(ValueError, match="not a list of Datum"):
+        load_or_create_fewshot(tmp_path, uneven_items(), None, 1, 1)
+
+
+# --- pickle interop with Dassl ------------------------------------------------------------------
+
+def check_isfile(path):
+    """Dassl's dassl.utils.check_isfile, minus its warning."""
+    return os.path.isfile(path)
+
+
+class StandInDasslDatum:
+    """Behaves as Dassl's Datum: asserting constructor, private slots behind properties."""
+
+    def __init__(self, impath="", label=0, domain=0, classname=""):
+        assert isinstance(impath, str)
+        assert check_isfile(impath)
+        self._impath = impath
+        self._label = label
+        self._domain = domain
+        self._classname = classname
+
+    @property
+    def impath(self):
+        return self._impath
+
+    @property
+    def label(self):
+        return self._label
+
+    @property
+    def domain(self):
+        return self._domain
+
+    @property
+    def classname(self):
+        return self._classname
+
+
+@pytest.fixture
+def stand_in_dassl(monkeypatch):
+    """Registers ``dassl.data.datasets.base_dataset`` with a Datum that mimics Dassl's."""
+    names = ["dassl", "dassl.data", "dassl.data.datasets", DASSL_DATUM_MODULE]
+    modules = {name: types.ModuleType(name) for name in names}
+    datum_class = type(DASSL_DATUM_NAME, (StandInDasslDatum,), {
+        "__module__": DASSL_DATUM_MODULE, "__qualname__": DASSL_DATUM_NAME})
+    setattr(modules[DASSL_DATUM_MODULE], DASSL_DATUM_NAME, datum_class)
+    for parent, child in itertools.pairwise(names):
+        setattr(modules[parent], child.rsplit(".", 1)[1], modules[child])
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return datum_class
+
+
+def test_our_fewshot_file_loads_as_dassl_datum(tmp_path, stand_in_dassl):
+    train = uneven_items()
+    # Dassl's Datum asserts the file exists; unpickling must not call __init__ (NEWOBJ).
+    assert not any(os.path.exists(x.impath) for x in train)
+    load_or_create_fewshot(tmp_path, train, train[:3], 2, 1)
+    with fewshot_path(tmp_path, 2, 1).open("rb") as file:
+        data = pickle.load(file)  # what Dassl/CoOp do
+    assert set(data) == {"train", "val"}
+    ours = generate_fewshot(train, 2, random.Random(1))
+    for got, want in zip(data["train"], ours, strict=True):
+        assert type(got) is stand_in_dassl
+        assert vars(got) == {"_impath": want.impath, "_label": want.label, "_domain": 0,
+                             "_classname": want.classname}
+        assert (got.impath, got.label, got.classname, got.domain) == \
+            (want.impath, want.label, want.classname, want.domain)
+
+
+def test_file_names_only_dassls_datum(tmp_path):
+    data = dumps_dassl_compatible({"train": uneven_items(), "val": []})
+    globals_named = [arg for op, arg, _ in pickletools.genops(data)
+                     if op.name in ("GLOBAL", "STACK_GLOBAL", "INST")]
+    assert globals_named == [f"{DASSL_DATUM_MODULE} {DASSL_DATUM_NAME}"]
+    ops = {op.name for op, _, _ in pickletools.genops(data)}
+    assert {"NEWOBJ", "BUILD"} <= ops and "REDUCE" not in ops
+
+
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+def test_dassl_written_file_reads_as_our_datum(tmp_path, stand_in_dassl, monkeypatch, protocol):
+    paths = [write_image(tmp_path / f"{i}.jpg") for i in range(3)]
+    dassl_items = [stand_in_dassl(impath=str(p), label=i % 2, classname=f"c{i % 2}")
+                   for i, p in enumerate(paths)]
+    path = tmp_path / "shot_1-seed_1.pkl"
+    with path.open("wb") as file:  # exactly CoOp's write
+        pickle.dump({"train": dassl_items, "val": dassl_items[:1]}, file, protocol=protocol)
+    monkeypatch.delitem(sys.modules, DASSL_DATUM_MODULE)  # read without Dassl
+    data = read_datum_splits(path, ("train", "val"))
+    assert data["train"] == [Datum(str(p), i % 2, f"c{i % 2}") for i, p in enumerate(paths)]
+    assert data["val"] == data["train"][:1]
+
+
+def test_restricted_reader_round_trips_strings_and_large_files(tmp_path):
+    # Enough distinct strings to need the 4-byte memo opcodes; non-ASCII names survive.
+    items = [Datum(f"/d/ü/{i}.jpg", i % 300, f"klasse_{i % 300}_é") for i in range(700)]
+    path = tmp_path / "x.pkl"
+    write_datum_splits(path, {"train": items, "val": items[::-1]})
+    assert read_datum_splits(path, ("train", "val")) == {"train": items, "val": items[::-1]}
+    assert any(op.name == "LONG_BINPUT" for op, _, _ in pickletools.genops(path.read_bytes()))
+
+
+class Evil:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, capfd, payload):
+    marker = tmp_path / "pwned"
+    command = f"echo pwned > {marker}"
+    evil = Evil(command) if payload == "system" else _EvalPayload(f"open({str(marker)!r}, 'w')")
+    path = fewshot_path(tmp_path, 1, 1)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pickle.dumps({"train": [evil], "val": []}))
+    with pytest.raises(pickle.UnpicklingError, match=payload) as info:
+        load_or_create_fewshot(tmp_path, uneven_items(), uneven_items(), 1, 1)
+    assert "refused" in str(info.value)
+    assert not marker.exists()
+    assert "pwned" not in capfd.readouterr().out
+
+
+class _EvalPayload:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (eval, (self.code,))
+
+
+def test_imagenet_preprocessed_pkl_is_read_safely(tmp_path):
+    expected = make_imagenet(tmp_path)
+    dataset_dir = tmp_path / "imagenet"
+    cached_train = [Datum(p, y, c) for p, y, c in expected.splits["train"][:3]]
+    cached_test = [Datum(p, y, c) for p, y, c in expected.splits["test"][:2]]
+    write_datum_splits(dataset_dir / "preprocessed.pkl",
+                       {"train": cached_train, "test": cached_test})
+    data = build_dataset("imagenet", tmp_path)
+    assert data.train == cached_train and data.test == cached_test and data.val == cached_test
+    marker = tmp_path / "pwned"
+    (dataset_dir / "preprocessed.pkl").write_bytes(
+        pickle.dumps({"train": [Evil(f"touch {marker}")], "test": []}))
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        build_dataset("imagenet", tmp_path)
+    assert not marker.exists()
+
+
+# --- base/new class subsampling -----------------------------------------------------------------
+
+def test_subsample_classes_as_coop():
+    items = [Datum(f"/d/{y}_{i}.jpg", y, f"c{y}") for y in (4, 0, 3, 1, 2) for i in range(2)]
+    test = [Datum(f"/t/{y}.jpg", y, f"c{y}") for y in range(5)]
+    all_train, all_test = subsample_classes(items, test, subsample="all")
+    assert all_train == items and all_test == test
+    base_train, base_test = subsample_classes(items, test, subsample="base")
+    assert math.ceil(5 / 2) == 3
+    assert {(x.label, x.classname) for x in base_train} == {(0, "c0"), (1, "c1"), (2, "c2")}
+    assert [(x.label, x.classname) for x in base_test] == [(0, "c0"), (1, "c1"), (2, "c2")]
+    new_train, new_test = subsample_classes(items, test, subsample="new")
+    assert [(x.label, x.classname) for x in new_test] == [(0, "c3"), (1, "c4")]
+    assert [x.impath for x in new_train] == [x.impath for x in items if x.label >= 3]
+    with pytest.raises(ValueError, match="subsample"):
+        subsample_classes(items, subsample="half")
+
+
+@pytest.mark.parametrize("subsample", ["base", "new"])
+def test_build_dataset_subsample_relabels_and_renames(tmp_path, subsample):
+    make_split_dataset(tmp_path, "dtd")
+    data = build_dataset("dtd", tmp_path, shots=2, seed=1, subsample=subsample)
+    names = ["banded", "blotchy"] if subsample == "base" else ["braided"]
+    assert data.classnames == names
+    for split in (data.train, data.val, data.test):
+        assert split and {(x.label, x.classname) for x in split} <= set(enumerate(names))
+    make_dataset(tmp_path, "imagenet_a")
+    with pytest.raises(ValueError, match="test-only"):
+        build_dataset("imagenet_a", tmp_path, subsample=subsample)
+
+
+# --- dataset readers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_reader_matches_layout(tmp_path, name):
+    expected = make_dataset(tmp_path, name)
+    data = build_dataset(name, tmp_path)
+    assert data.name == name
+    assert data.template == TEMPLATES[name] == DATASETS[name].template
+    assert data.classnames == expected.classnames
+    for split in ("train", "val", "test"):
+        got = records(getattr(data, split))
+        assert got == expected.splits[split], split
+        assert all(os.path.isfile(path) for path, _, _ in got)
+    assert not (tmp_path / DATASETS[name].folder / "split_fewshot").exists()
+
+
+def test_eurosat_split_with_new_names_is_unchanged(tmp_path):
+    expected = make_split_dataset(tmp_path, "eurosat")
+    split_file = tmp_path / "eurosat" / SPLIT_LAYOUTS["eurosat"].split_file
+    text = split_file.read_text()
+    for old, _, new in [("AnnualCrop", 0, "Annual Crop Land"), ("SeaLake", 0, "Sea or Lake")]:
+        text = text.replace(f'"{old}"', f'"{new}"')  # class names only, not the paths
+    split_file.write_text(text)
+    assert build_dataset("eurosat", tmp_path).classnames == expected.classnames
+
+
+def test_variants_ignore_shots_and_have_no_training_data(tmp_path):
+    make_dataset(tmp_path, "imagenet_r")
+    data = build_dataset("imagenet_r", tmp_path, shots=16, seed=1)
+    assert data.train == [] and data.val == [] and len(data.test) == 6
+    assert data.classnames == [IMAGENET_CLASSES[w] for w in ("n01440764", "n01484850",
+                                                             "n01491361")]
+
+
+def test_imagenet_fewshot_samples_train_only(tmp_path, global_random_state):
+    make_imagenet(tmp_path)
+    full = build_dataset("imagenet", tmp_path)
+    data = build_dataset("imagenet", tmp_path, shots=2, seed=2)
+    random.seed(2)
+    assert data.train == dassl_generate_fewshot_dataset(full.train, num_shots=2)
+    assert data.val == data.test == full.test
+    cached = read_datum_splits(fewshot_path(tmp_path / "imagenet", 2, 2), ("train",))
+    assert cached == {"train": data.train}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_missing_dataset_folder_describes_layout(tmp_path, name):
+    spec = DATASETS[name]
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset(name, tmp_path)
+    message = str(info.value)
+    assert f"missing {tmp_path / spec.folder};" in message
+    assert f"expected <root>/{spec.folder}/" in message and "DATASETS.md" in message
+    assert f"<root> = {tmp_path}" in message
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_LAYOUTS))
+def test_missing_split_file_is_named(tmp_path, name):
+    make_split_dataset(tmp_path, name)
+    split_file = tmp_path / SPLIT_LAYOUTS[name].folder / SPLIT_LAYOUTS[name].split_file
+    split_file.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {split_file}"):
+        build_dataset(name, tmp_path)
+
+
+def test_unknown_dataset_lists_valid_names(tmp_path):
+    with pytest.raises(KeyError) as info:
+        build_dataset("oxford_pet", tmp_path)
+    assert all(name in str(info.value) for name in DATASETS)
+
+
+def test_registry_names_are_the_authors_config_names():
+    assert set(DATASETS) == set(TEMPLATES)
+    assert len(DATASETS) == 15
+
+
+def test_malformed_split_entry_is_reported(tmp_path):
+    make_split_dataset(tmp_path, "food101")
+    split_file = tmp_path / "food-101" / "split_zhou_Food101.json"
+    split_file.write_text('{"train": [["a.jpg", 0]], "val": [], "test": []}')
+    with pytest.raises(ValueError, match=r"train\[0\]"):
+        build_dataset("food101", tmp_path)
+
+
+# --- generic image folders --------------------------------------------------------------------
+
+def make_folder_tree(root: Path, splits=("train",), per_class=4) -> None:
+    for split in splits:
+        for name in ("sea_lion", "cat", "dog"):
+            for i in range(per_class):
+                write_image(root / split / name / f"{i}.png")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".hidden.png").write_bytes(b"")
+
+
+def test_image_folder_train_only(tmp_path):
+    make_folder_tree(tmp_path, per_class=5)
+    data = image_folder_dataset(tmp_path, val_fraction=0.4)
+    assert data.classnames == ["cat", "dog", "sea_lion"]
+    assert data.name == tmp_path.name and data.template == "a photo of a {}."
+    assert len(data.train) == 9 and len(data.val) == 6 and data.test == data.val
+    assert not {x.impath for x in data.train} & {x.impath for x in data.val}
+    assert all(x.impath.endswith(".png") for x in data.train + data.val)
+    assert image_folder_dataset(tmp_path, seed=2, val_fraction=0.4).val == data.val
+    assert image_folder_dataset(tmp_path, val_fraction=0.0).val == []
+
+
+def test_image_folder_with_val_test_and_shots(tmp_path):
+    make_folder_tree(tmp_path, splits=("train", "val", "test"), per_class=6)
+    full = image_folder_dataset(tmp_path)
+    assert [len(full.train), len(full.val), len(full.test)] == [18, 18, 18]
+    data = image_folder_dataset(tmp_path, shots=2, seed=3, template="{}.")
+    assert (data.train, data.val) == sample_fewshot_splits(full.train, full.val, 2, 3)
+    assert len(data.train) == 6 and len(data.val) == 6 and data.test == full.test
+    write_image(tmp_path / "test" / "horse" / "0.png")
+    with pytest.raises(ValueError, match="horse"):
+        image_folder_dataset(tmp_path)
+
+
+def test_image_folder_missing_train_describes_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"<root>/train/<class>/<image>"):
+        image_folder_dataset(tmp_path)
+
+
+# --- transforms, Dataset, loaders ---------------------------------------------------------------
+
+def test_transforms_shapes_and_clip_normalisation():
+    colour = (200, 100, 50)
+    image = Image.new("RGB", (300, 200), colour)
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, CLIP_MEAN, CLIP_STD,
+                                                                     strict=True)])
+    for train in (False, True):
+        out = build_transforms(train)(image)
+        assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+        torch.testing.assert_close(out.mean(dim=(1, 2)), expected, atol=2e-2, rtol=0)
+    assert build_transforms(False, image_size=32)(image).shape == (3, 32, 32)
+
+
+def test_transforms_follow_dassls_pipeline():
+    from torchvision import transforms as T
+
+    train = build_transforms(True).transforms
+    assert [type(t) for t in train] == [T.RandomResizedCrop, T.RandomHorizontalFlip,
+                                        T.ToTensor, T.Normalize]
+    assert train[0].scale == (0.08, 1.0) and train[0].size == (224, 224)
+    assert train[0].interpolation == T.InterpolationMode.BICUBIC
+    test = build_transforms(False).transforms
+    assert [type(t) for t in test] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert test[0].size == 224 and test[0].interpolation == T.InterpolationMode.BICUBIC
+    assert tuple(test[3].mean) == CLIP_MEAN and tuple(test[3].std) == CLIP_STD
+
+
+def test_image_dataset_reads_rgb_and_names_bad_files(tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.new("L", (8, 8), 7).save(grey)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    items = [Datum(str(grey), 1, "g"), Datum(str(corrupt), 0, "c"),
+             Datum(str(tmp_path / "gone.jpg"), 0, "c")]
+    dataset = ImageDataset(items, build_transforms(False, image_size=8))
+    image, label = dataset[0]
+    assert image.shape == (3, 8, 8) and label == 1
+    for index, name in ((1, "corrupt.jpg"), (2, "gone.jpg")):
+        with pytest.raises(ImageReadError, match=name):
+            dataset[index]
+
+
+class _RandomDataset(torch.utils.data.Dataset):
+    """Returns draws of the worker's ``random`` module, to see how workers are seeded."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.tensor([index, random.random()])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_iterates_reproducibly(tmp_path, num_workers):
+    expected = make_split_dataset(tmp_path, "dtd")
+    data = build_dataset("dtd", tmp_path)
+    dataset = ImageDataset(data.train, build_transforms(True, image_size=16))
+
+    def epoch_labels(seed):
+        loader = make_loader(dataset, batch_size=4, train=True, num_workers=num_workers,
+                             seed=seed)
+        assert loader.persistent_workers == (num_workers > 0) and not loader.drop_last
+        batches = list(loader)
+        assert all(images.shape[1:] == (3, 16, 16) for images, _ in batches)
+        return torch.cat([labels for _, labels in batches]).tolist()
+
+    first = epoch_labels(seed=5)
+    assert sorted(first) == sorted(y for _, y, _ in expected.splits["train"])
+    assert epoch_labels(seed=5) == first  # same seed, same order
+    test_loader = make_loader(dataset, batch_size=3, train=False, num_workers=num_workers)
+    assert torch.cat([y for _, y in test_loader]).tolist() == [x.label for x in data.train]
+
+
+def test_loader_workers_seed_random_reproducibly():
+    def draws(seed):
+        loader = make_loader(_RandomDataset(), batch_size=2, train=False, num_workers=2,
+                             seed=seed)
+        return torch.cat(list(loader))[:, 1].tolist()
+
+    first = draws(7)
+    assert draws(7) == first
+    assert len(set(first)) == len(first)  # the two workers do not repeat each other
+    assert draws(8) != first
+
+
+def test_seed_worker_seeds_random_from_torch(global_random_state):
+    torch.manual_seed(123)
+    seed_worker(0)
+    a = random.random()
+    torch.manual_seed(123)
+    seed_worker(1)
+    assert random.random() == a
