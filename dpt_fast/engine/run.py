@@ -87,20 +87,26 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     """
     source_classes = decode_json_tensor(state[META_CLASSNAMES])
     source_config = decode_json_tensor(state[META_CONFIG])
-    if source_config != model.config.model_fields():
-        diff = sorted(k for k in source_config if source_config[k] != model.config.model_fields()
-                      .get(k))
+    ours = model.config.model_fields()
+    # The template only builds the frozen hand-crafted features: each dataset keeps its own.
+    diff = sorted(k for k in set(source_config) | set(ours)
+                  if k != "template" and source_config.get(k) != ours.get(k))
+    if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
-    if source_classes == model.classnames:
+    same_classes = source_classes == model.classnames
+    if same_classes and source_config.get("template") == ours["template"]:
         model.load_state_dict(state)
         return
-    if model.config.class_specific_ctx:
+    if model.config.class_specific_ctx and not same_classes:
         raise ValueError("class-specific text contexts (class_specific_ctx=True) belong to the "
                          "training classes and cannot be evaluated on other classes")
-    shared = {k: v for k, v in state.items()
-              if not _CLASS_SPECIFIC.match(k) and not k.startswith("dpt_meta.")}
-    result = model.load_state_dict(shared, strict=False)
-    left = [k for k in result.missing_keys if not _CLASS_SPECIFIC.match(k)]
+
+    def transferred(key: str) -> bool:
+        return not key.startswith("dpt_meta.") and (same_classes or not _CLASS_SPECIFIC.match(key))
+
+    result = model.load_state_dict({k: v for k, v in state.items() if transferred(k)},
+                                   strict=False)
+    left = [k for k in result.missing_keys if transferred(k)]
     if left or result.unexpected_keys:
         raise ValueError(f"checkpoint does not fit: missing {left}, "
                          f"unexpected {result.unexpected_keys}")
@@ -187,7 +193,9 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
             state = ckpt.model_state(tensors)
             saved = meta["config"]
             model_config = DPTConfig(**saved["model"])
-            template_explicit = True  # the checkpoint's template is part of its config
+            # Same dataset: the template it was trained with; another dataset: that dataset's.
+            if saved["dataset"] == config.dataset:
+                template_explicit = True
             if config.backbone != saved["backbone"]:
                 log.warning("evaluating with backbone %s; the checkpoint was trained with %s",
                             config.backbone, saved["backbone"])
