@@ -174,3 +174,54 @@ def test_two_process_ddp_equals_one_process(clip_files, colour_folder, tmp_path)
     ra = json.loads((single / "results.json").read_text())["test"]["accuracy"]
     rb = json.loads((double / "results.json").read_text())["test"]["accuracy"]
     assert ra == pytest.approx(rb)
+
+
+def test_base_to_new_and_cross_dataset(clip_files, tmp_path, capsys):
+    from data_fixtures import make_split_dataset
+
+    root = tmp_path / "data"
+    make_split_dataset(root, "eurosat")
+    make_split_dataset(root, "dtd")
+    out = tmp_path / "b2n"
+    args = _train_args(clip_files, root, out, epochs=1)
+    args[args.index("folder")] = "eurosat"
+    args[args.index("-1")] = "2"  # 2 shots
+    assert main([*args, "--subsample", "base"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["Annual Crop Land", "Forest"]  # base: first ceil(3/2)
+    assert set(results["test_new"]["per_class_accuracy"]) == {"Sea or Lake"}
+    a, b = results["test"]["accuracy"], results["test_new"]["accuracy"]
+    assert results["harmonic_mean"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
+    assert "H:" in capsys.readouterr().out
+
+    # cross-dataset: the eurosat prompts on DTD's (other) classes
+    config, weights = clip_files
+    assert main(["eval", "--checkpoint", str(out / "checkpoint-last.safetensors"),
+                 "--dataset", "dtd", "--root", str(root), "--backbone", config,
+                 "--pretrained", weights, "--device", "cpu", "--num-workers", "0",
+                 "--output-dir", str(out)]) == 0
+    evaluated = json.loads((out / "eval_dtd_all.json").read_text())
+    assert set(evaluated["test"]["per_class_accuracy"]) <= {"banded", "blotchy", "braided"}
+
+
+def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path):
+    from test_checkpoints import _write_official
+
+    from dpt_fast import DPT, DPTConfig
+    from dpt_fast.engine.run import load_clip
+
+    config, weights = clip_files
+    clip = load_clip(config, weights, torch.device("cpu"))
+    model = DPT(clip, ["blue", "green", "red"], DPTConfig(n_text_ctx=4, cavpt_top_k=2))
+    _write_official(model, tmp_path / "official")
+    assert main(["eval", "--official-dir", str(tmp_path / "official"), "--dataset", "folder",
+                 "--root", str(colour_folder), "--backbone", config, "--pretrained", weights,
+                 "--device", "cpu", "--num-workers", "0", "--n-text-ctx", "4",
+                 "--cavpt-top-k", "2", "--output-dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval_folder_all.json").read_text())["test"]
+    assert report["n"] == 12
+    with pytest.raises(ValueError, match=r"ctx: checkpoint tensor has shape \(4, 32\)"):
+        main(["eval", "--official-dir", str(tmp_path / "official"), "--dataset", "folder",
+              "--root", str(colour_folder), "--backbone", config, "--pretrained", weights,
+              "--device", "cpu", "--num-workers", "0", "--method", "vlp",
+              "--output-dir", str(tmp_path / "eval")])
