@@ -47,4 +47,8 @@ step cuda_tests 300 python3 -P -m pytest tests -m cuda -q -rs -p no:cacheprovide
 step benchmarks 300 python3 -P -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/benchmarks.json"
 
+# Markdown table + PNG plots of the benchmarks (and the GPU targets) into $OUT.
+step report 120 python3 -P benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" \
+    --name benchmarks_report
+
 python3 -P benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
