@@ -4,7 +4,11 @@ Implementations, all on the same inputs (prompt K/V shared by the batch, Bp = 1)
 
 * ``triton``: ``prompt_attention`` (the fused kernels; CUDA only);
 * ``sdpa``: ``prompt_attention_torch``, SDPA over ``[k_prompt.expand(B); k]``;
-* ``naive``: matmul, mask, fp32 softmax, matmul over the concatenated K/V.
+* ``naive``: matmul, mask, fp32 softmax, matmul over the concatenated K/V;
+* ``xformers``: ``xformers.ops.memory_efficient_attention`` and ``flash_attn``:
+  ``flash_attn_func`` over the concatenated K/V, when those packages are installed (skipped
+  with the reason otherwise). Their causal masks are aligned to the bottom right, so query i
+  sees the P prompt keys and self keys j <= i, as ``prompt_attention`` does.
 
 GPU: bf16; ViT-B/16 layers (B = 32 and 256 images, H=12, N=197, P=10 deep prompts, D=64) and
 the text encoder's class-name suffixes over a shared prefix (B = 100 and 1000 classes, H=8,
@@ -53,7 +57,43 @@ def naive_attention(
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
 
 
-IMPLS = {"triton": prompt_attention, "sdpa": prompt_attention_torch, "naive": naive_attention}
+def _concat_bnhd(q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """q and the concatenated keys/values in the (B, N, H, D) layout of xformers/flash-attn."""
+    batch = q.shape[0]
+    keys = torch.cat([k_prompt.expand(batch, -1, -1, -1), k], dim=2)
+    values = torch.cat([v_prompt.expand(batch, -1, -1, -1), v], dim=2)
+    return q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: Tensor,
+                       causal: bool = False) -> Tensor:
+    import xformers.ops as xops
+
+    bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
+    out = xops.memory_efficient_attention(*_concat_bnhd(q, k, v, k_prompt, v_prompt),
+                                          attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: Tensor,
+                    causal: bool = False) -> Tensor:
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(*_concat_bnhd(q, k, v, k_prompt, v_prompt), causal=causal
+                           ).transpose(1, 2)
+
+
+IMPLS = {"triton": prompt_attention, "sdpa": prompt_attention_torch, "naive": naive_attention,
+         "xformers": xformers_attention, "flash_attn": flash_attention}
+# Third-party kernels: benchmarked only where installed, and only on CUDA.
+OPTIONAL = {"xformers": "xformers", "flash_attn": "flash_attn"}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def forward_flops(batch: int, heads: int, n: int, n_p: int, dim: int) -> float:
@@ -86,6 +126,11 @@ def _sync() -> None:
 def test_prompt_attention(benchmark, shape_name, impl, mode, monkeypatch):
     if impl == "triton" and not HAS_CUDA:
         pytest.skip("the Triton kernels need CUDA (on CPU they only run in the interpreter)")
+    if impl in OPTIONAL:
+        if not _installed(OPTIONAL[impl]):
+            pytest.skip(f"{OPTIONAL[impl]} is not installed")
+        if not HAS_CUDA:
+            pytest.skip(f"{OPTIONAL[impl]} kernels need CUDA")
     # The environment must not redirect prompt_attention to another backend mid-benchmark.
     monkeypatch.delenv("DPT_FAST_BACKEND", raising=False)
     shape = SHAPES[shape_name]
