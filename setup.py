@@ -115,6 +115,8 @@ if __name__ == "__main__":
         # Triton kernels live in the top-level kernels/ folder and install as dpt_fast.kernels,
         # never as a top-level "kernels" package.
         package_dir={"dpt_fast.kernels": "kernels"},
+        # The toy CLIP of `dpt-fast demo` ships inside the package (weights, config, card).
+        package_data={"dpt_fast.toy": ["*.safetensors", "*.json", "*.md"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )
