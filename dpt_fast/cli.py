@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
+    demo = sub.add_parser("demo", help="a first run with no downloads: toy CLIP, toy task")
+    from dpt_fast.toy.options import add_demo_arguments
+
+    add_demo_arguments(demo)
     return parser
 
 
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(report_runs(args.runs, args.out))
         return 0
+    if args.command == "demo":
+        from dpt_fast.toy.demo import main_from_args
+
+        return main_from_args(args)
     from dpt_fast.engine.run import eval_run, train_run
 
     config, template_explicit = resolve_config(args)
