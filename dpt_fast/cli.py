@@ -67,7 +67,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpt-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dpt-fast",
+        description="Dual-modality Prompt Tuning for CLIP: train, evaluate, report, demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train prompts on a dataset, then evaluate")
