@@ -128,6 +128,13 @@ def _model_config(config: TrainConfig, splits: DatasetSplits,
     return dataclasses.replace(config.model, template=splits.template)
 
 
+def _join_process_group(device_name: str):
+    """torchrun's process group, on NCCL when the run will use CUDA, else gloo."""
+    wants_cuda = device_name.startswith("cuda") or (
+        device_name == "auto" and torch.cuda.is_available())
+    return init_distributed(torch.device("cuda" if wants_cuda else "cpu"))
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -137,8 +144,7 @@ def _write_json(path: Path, obj) -> None:
 def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
     """Train on ``config.dataset`` and evaluate on its test split (base and new classes for
     subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir."""
-    info = init_distributed(torch.device("cuda" if config.device.startswith("cuda") or (
-        config.device == "auto" and torch.cuda.is_available()) else "cpu"))
+    info = _join_process_group(config.device)
     try:
         device = resolve_device(config.device, info)
         output_dir = Path(config.output_dir)
@@ -182,8 +188,7 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
              template_explicit: bool = False) -> dict:
     """Evaluate prompts on ``config.dataset``'s test split: a dpt_fast checkpoint (its saved
     config is used) or the authors' checkpoint directory (``config.model`` describes it)."""
-    info = init_distributed(torch.device("cuda" if torch.cuda.is_available()
-                                         and config.device != "cpu" else "cpu"))
+    info = _join_process_group(config.device)
     try:
         device = resolve_device(config.device, info)
         state = None

@@ -27,6 +27,13 @@ def check_fast_block(block: nn.Module, where: str) -> None:
         raise TypeError(f"{where}: cross-attention blocks are not supported by the fast DPT")
 
 
+def fast_blocks(transformer: nn.Module, tower: str) -> list[BlockParts]:
+    """The decomposed blocks of an open_clip transformer, refused with a reason if unsupported."""
+    for i, block in enumerate(transformer.resblocks):
+        check_fast_block(block, f"{tower} block {i}")
+    return [BlockParts(b) for b in transformer.resblocks]
+
+
 class BlockParts:
     """Pieces of one residual block on batch-first tokens; H heads of width D = W / H."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dpt_fast.clip_interop import text_head
-from dpt_fast.fast.blocks import BlockParts, check_fast_block
+from dpt_fast.fast.blocks import fast_blocks
 from dpt_fast.ops import prompt_attention
 from dpt_fast.prompts import TextPrompts
 
@@ -49,9 +49,7 @@ class SharedPrefixTextEncoder:
 
     def __init__(self, clip: nn.Module) -> None:
         self.clip = clip
-        for i, block in enumerate(clip.transformer.resblocks):
-            check_fast_block(block, f"text block {i}")
-        self.blocks = [BlockParts(b) for b in clip.transformer.resblocks]
+        self.blocks = fast_blocks(clip.transformer, "text")
 
     def __call__(self, prompts: TextPrompts) -> torch.Tensor:
         eot = prompts.eot_index  # (C,)

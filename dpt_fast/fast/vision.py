@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dpt_fast.clip_interop import vision_embed, vision_head
-from dpt_fast.fast.blocks import BlockParts, check_fast_block
+from dpt_fast.fast.blocks import fast_blocks
 
 # Called for the CAVPT layers: (layer index, tokens (B, N, W)) -> prompt tokens (B, K, W).
 ClassPromptFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -27,9 +27,7 @@ class PromptedVisionEncoder:
 
     def __init__(self, visual: nn.Module) -> None:
         self.visual = visual
-        for i, block in enumerate(visual.transformer.resblocks):
-            check_fast_block(block, f"vision block {i}")
-        self.blocks = [BlockParts(b) for b in visual.transformer.resblocks]
+        self.blocks = fast_blocks(visual.transformer, "vision")
 
     def __call__(self, images: torch.Tensor, deep_prompts: torch.Tensor | None = None,
                  class_prompts: ClassPromptFn | None = None,
