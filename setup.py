@@ -88,6 +88,16 @@ def extension_modules() -> tuple[list, dict]:
         )
 
     cxx_flags = ["-O3", "-std=c++20"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is a header template that gets its threads from `omp parallel`:
+        # compiled without OpenMP it silently runs the CPU kernels on one thread. The extension
+        # then links libgomp.so.1, the runtime torch has already loaded (one thread pool).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    elif sys.platform != "win32":
+        # The row kernels' `omp simd` loops still vectorise (no OpenMP runtime involved).
+        cxx_flags.append("-fopenmp-simd")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         _log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
@@ -97,11 +107,13 @@ def extension_modules() -> tuple[list, dict]:
             cpp_sources + cuda_sources,
             define_macros=[("DPT_FAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     else:
         _log("building CPU kernels only (no CUDA toolkit or CPU-only torch)")
         ext = CppExtension(
             "dpt_fast._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

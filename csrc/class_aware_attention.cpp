@@ -7,12 +7,14 @@
 //
 // The CPU kernels widen the inputs once to the accumulation type (float32, or float64 for float64
 // inputs) and keep every intermediate in it; only the outputs are rounded to the input dtype.
-// The softmax, lse and dS stages are our loops, at::parallel_for over the B·K rows; the matrix
-// products go to ATen's batched BLAS (MKL, OpenBLAS, ...), which is parallel over the batch and
-// beats hand-written loops on the CPUs it is tuned for. (BLAS calls inside at::parallel_for
-// would oversubscribe the cores with BLAS threads, hence the two separate levels.)
+// The softmax, lse and dS stages are our vectorised loops (class_aware_attention_cpu.cpp),
+// at::parallel_for over the B·K rows; the matrix products go to ATen's batched BLAS (MKL,
+// OpenBLAS, ...), which beat our hand-written loops for them on this project's CPUs, fused
+// per-batch score/dq/dk loops included. (BLAS calls inside at::parallel_for would oversubscribe
+// the cores, hence two levels.)
 
 #include "class_aware_attention.h"
+#include "class_aware_attention_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,8 +23,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <atomic>
+#include <bit>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -138,70 +141,23 @@ int64_t grain_rows(int64_t row_length) {
   return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_length));
 }
 
-// In place over `rows` rows of M raw scores s = q kᵀ: P = softmax(s · scale), and
-// lse = logsumexp(s · scale) written to `lse`. P (rows, M), lse (rows,).
-template <typename acc_t>
-void softmax_with_lse(acc_t* p, acc_t* lse, int64_t rows, int64_t M, acc_t scale) {
-  at::parallel_for(0, rows, grain_rows(M), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      acc_t* row = p + r * M;
-      acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t m = 0; m < M; ++m) {
-        row[m] *= scale;
-        row_max = std::max(row_max, row[m]);
-      }
-      acc_t sum = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        row[m] = std::exp(row[m] - row_max);
-        sum += row[m];
-      }
-      lse[r] = row_max + std::log(sum);
-      const acc_t inv_sum = acc_t(1) / sum;
-      for (int64_t m = 0; m < M; ++m) {
-        row[m] *= inv_sum;
-      }
-    }
-  });
-}
-
-// The softmax backward, in place over `rows` rows:
-//   p:  in raw scores s = q kᵀ, out P = exp(s · scale − lse) (from the saved lse)
-//   ds: in dP = grad_out vᵀ,    out dS = scale · P ∘ (dP − D), D = rowsum(grad_out ∘ out)
-// p, ds (rows, M); lse (rows,); go = grad_out and out (rows, dv).
-template <typename acc_t>
-void softmax_backward(acc_t* p, acc_t* ds, const acc_t* lse, const acc_t* go, const acc_t* out,
-                      int64_t rows, int64_t M, int64_t dv, acc_t scale) {
-  at::parallel_for(0, rows, grain_rows(M + dv), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      acc_t d = 0;  // D = rowsum(P ∘ dP), computed as rowsum(grad_out ∘ out)
-      for (int64_t j = 0; j < dv; ++j) {
-        d += go[r * dv + j] * out[r * dv + j];
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t e = r * M + m;
-        p[e] = std::exp(p[e] * scale - lse[r]);
-        ds[e] = scale * p[e] * (ds[e] - d);  // the score scale, folded in for dq and dk
-      }
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                const at::Tensor& v_in, double scale) {
   const AttentionSizes s = check_forward_inputs(q_in, k_in, v_in);
   const NoAutocast no_autocast{};
   const at::ScalarType acc = lse_dtype_for(q_in.scalar_type());
-  // The matrix products go to ATen's batched BLAS in the accumulation dtype, parallel over the
-  // batch; the softmax stage is ours. Low-precision inputs are widened once, here.
+  // Low-precision inputs are widened once, here.
   const at::Tensor q = q_in.to(acc);
   const at::Tensor k = k_in.to(acc);
   const at::Tensor v = v_in.to(acc);
   at::Tensor lse = at::empty({s.B, s.K}, q.options());
   at::Tensor probs = at::bmm(q, k.transpose(1, 2));  // (B, K, M): scores, then P
   AT_DISPATCH_FLOATING_TYPES(acc, kForwardName, [&] {
-    softmax_with_lse<scalar_t>(probs.mutable_data_ptr<scalar_t>(),
-                               lse.mutable_data_ptr<scalar_t>(), s.B * s.K, s.M,
-                               static_cast<scalar_t>(scale));
+    scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
+    scalar_t* lse_ptr = lse.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * s.K, grain_rows(s.M), [&](int64_t begin, int64_t end) {
+      cpu::softmax_rows(p_ptr, lse_ptr, begin, end, s.M, static_cast<scalar_t>(scale));
+    });
   });
   return {at::bmm(probs, v).to(q_in.scalar_type()), lse};
 }
@@ -223,11 +179,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor probs = at::bmm(q, k.transpose(1, 2));      // (B, K, M): scores, then P
   at::Tensor dscores = at::bmm(go, v.transpose(1, 2));  // (B, K, M): dP, then dS
   AT_DISPATCH_FLOATING_TYPES(acc, kBackwardName, [&] {
-    softmax_backward<scalar_t>(probs.mutable_data_ptr<scalar_t>(),
-                               dscores.mutable_data_ptr<scalar_t>(),
-                               lse.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(),
-                               out.const_data_ptr<scalar_t>(), s.B * s.K, s.M, s.dv,
-                               static_cast<scalar_t>(scale));
+    scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
+    scalar_t* ds_ptr = dscores.mutable_data_ptr<scalar_t>();
+    const scalar_t* lse_ptr = lse.const_data_ptr<scalar_t>();
+    const scalar_t* go_ptr = go.const_data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
+    at::parallel_for(0, s.B * s.K, grain_rows(s.M + s.dv), [&](int64_t begin, int64_t end) {
+      cpu::softmax_backward_rows(p_ptr, ds_ptr, lse_ptr, go_ptr, out_ptr, begin, end, s.M, s.dv,
+                                 static_cast<scalar_t>(scale));
+    });
   });
   const at::ScalarType dtype = q_in.scalar_type();
   return {at::bmm(dscores, k).to(dtype),                 // dq = dS · k
@@ -242,6 +202,27 @@ bool has_cuda() {
 #else
   return false;
 #endif
+}
+
+// The CPU kernels' float32 exp over a contiguous float32 CPU tensor, for accuracy tests.
+at::Tensor exp_f32(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "_exp_f32: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
+              x.device());
+  const at::Tensor src = x.contiguous();
+  at::Tensor y = at::empty_like(src);
+  cpu::exp_f32(src.const_data_ptr<float>(), y.mutable_data_ptr<float>(), src.numel());
+  return y;
+}
+
+// How many distinct threads at::parallel_for hands `tasks` one-element tasks to: a test that the
+// CPU kernels really run on the intra-op threads (the build must compile them with OpenMP).
+int64_t parallel_for_threads(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+  });
+  return std::popcount(seen.load());
 }
 
 }  // namespace
@@ -267,4 +248,7 @@ TORCH_LIBRARY_IMPL(dpt_fast, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpt_fast C++/CUDA kernels; the ops live in torch.ops.dpt_fast.";
   m.def("has_cuda", &dpt_fast::has_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("_exp_f32", &dpt_fast::exp_f32, "The CPU kernels' float32 exp (for tests).");
+  m.def("_parallel_for_threads", &dpt_fast::parallel_for_threads,
+        "Distinct threads at::parallel_for uses for this many tasks (for tests).");
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -220,6 +221,57 @@ def test_cpu_deterministic(extension: None) -> None:
     second = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def two_threads():
+    """Runs the test with two intra-op threads, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_results_do_not_depend_on_thread_count(extension: None, two_threads: None) -> None:
+    # M = 2000 makes the row loops split into several tasks (grain ~16 rows) over B·K = 80 rows,
+    # so a wrong task boundary would show up as a difference from the one-thread result.
+    q, k, v, grad_out = _random_inputs((8, 10, 2000, 8, 16), torch.float32)
+    threaded = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+    torch.set_num_threads(1)
+    single = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), threaded, single, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+    reason="the build compiles the CPU kernels with OpenMP only on Linux with an OpenMP torch",
+)
+def test_cpu_kernels_run_on_intra_op_threads(extension: None, two_threads: None) -> None:
+    # at::parallel_for is a header template: compiled without OpenMP it runs on one thread and
+    # the CPU kernels silently lose their parallelism (setup.py must pass -fopenmp).
+    from dpt_fast import _C
+
+    assert _C._parallel_for_threads(64) == 2
+
+
+def test_cpu_exp_matches_float64(extension: None) -> None:
+    """The float32 kernels' polynomial exp: a few ulp where exp is a normal float, and the IEEE
+    answers at the edges (0 below the normal range and for -inf, inf above it, NaN for NaN)."""
+    from dpt_fast import _C
+
+    x = torch.linspace(-87.3, 88.7, 1_000_003)
+    got = _C._exp_f32(x).double()
+    exact = torch.exp(x.double())
+    relative = ((got - exact).abs() / exact).max().item()
+    assert relative < 4 * 2.0**-23, f"max relative error {relative:.3g}"
+    assert torch.equal(_C._exp_f32(torch.zeros(3)), torch.ones(3))
+
+    edges = torch.tensor([-math.inf, -1e4, -87.5, 88.8, 1e4, math.inf, math.nan])
+    got = _C._exp_f32(edges)
+    assert got[:3].tolist() == [0.0, 0.0, 0.0]
+    assert got[3:6].isinf().all() and (got[3:6] > 0).all()
+    assert got[6].isnan()
 
 
 # --- registrations: opcheck, torch.compile, autocast -----------------------------------------

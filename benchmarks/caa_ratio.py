@@ -1,0 +1,120 @@
+"""Interleaved A/B timing of class-aware attention forward + backward: op vs composition.
+
+pytest-benchmark times one implementation after the other, so on a busy machine a load change
+between two cases lands in their ratio. This script interleaves the implementations round by
+round (op, composition, compiled, op, ...), computes the ratio op / baseline within each round,
+and reports the median ratio and its quartiles over all rounds: the issue's number, measured so
+that machine noise mostly cancels.
+
+    python benchmarks/caa_ratio.py                          # B = 32 and 256, JSON to stdout
+    python benchmarks/caa_ratio.py --threads 1 2 --out benchmarks/results/cpu_caa_ratio.json
+
+Shapes: K=10 class queries over M=207 tokens, dk=32, dv=768 (DPT's CAVPT on ViT-B/16);
+float32 on CPU, bfloat16 on a GPU. Each timed call is one forward plus ``torch.autograd.grad``
+for q, k and v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from dpt_fast.ops import class_aware_attention, class_aware_attention_ref
+
+ROWS, KEYS, DK, DV = 10, 207, 32, 768
+
+
+def _inputs(batch: int, device: str, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Leaves q (B, K, dk), k (B, M, dk), v (B, M, dv) requiring grad, and grad_out (B, K, dv)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
+
+    leaves = [rand(batch, ROWS, DK), rand(batch, KEYS, DK), rand(batch, KEYS, DV)]
+    return [t.requires_grad_() for t in leaves], rand(batch, ROWS, DV)
+
+
+def _timed_call(fn: Callable, leaves: list[torch.Tensor], grad_out: torch.Tensor,
+                calls: int) -> float:
+    """Seconds per forward + backward of fn, averaged over `calls` back-to-back calls."""
+    sync = torch.cuda.synchronize if leaves[0].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.autograd.grad(fn(*leaves), leaves, grad_out)
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def measure(batch: int, rounds: int, device: str, dtype: torch.dtype,
+            impls: dict[str, Callable]) -> dict:
+    """Per-round times of every impl, interleaved, and the op / baseline ratios."""
+    leaves, grad_out = _inputs(batch, device, dtype)
+    calls = max(1, 64 // batch)  # ~2 calls' worth of work per timing at B=32, 1 at B=256
+    for fn in impls.values():  # warm-up: caches, allocator, inductor compile
+        _timed_call(fn, leaves, grad_out, 2)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            times[name].append(_timed_call(fn, leaves, grad_out, calls))
+    result = {"B": batch, "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()}}
+    for base in (name for name in impls if name != "op"):
+        ratios = sorted(o / b for o, b in zip(times["op"], times[base], strict=True))
+        quartiles = statistics.quantiles(ratios, n=4)
+        result[f"op/{base}"] = {"median": statistics.median(ratios), "q1": quartiles[0],
+                                "q3": quartiles[2]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="intra-op thread counts to measure (CPU)")
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per case")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile of the composition (inductor needs a compiler)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    impls: dict[str, Callable] = {"op": class_aware_attention,
+                                  "composition": class_aware_attention_ref}
+    if not args.no_compile:
+        impls["compiled"] = torch.compile(class_aware_attention_ref, dynamic=False)
+    cases = []
+    for threads in args.threads if device == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            case = measure(batch, args.rounds, device, dtype, impls) | {"threads": threads}
+            cases.append(case)
+            summary = ", ".join(f"{k} {v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]"
+                                for k, v in case.items() if k.startswith("op/"))
+            print(f"threads={threads} B={batch}: {summary}", file=sys.stderr)
+    report = {
+        "what": "class_aware_attention fwd+bwd, interleaved rounds; ratio < 1: op faster",
+        "shape": {"K": ROWS, "M": KEYS, "dk": DK, "dv": DV}, "dtype": str(dtype),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__, "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d"), "cases": cases,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
