@@ -61,6 +61,17 @@ def detect_cuda_home() -> str | None:
     return top if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")) else None
 
 
+def _compiler_is_gcc() -> bool:
+    """Whether the C++ compiler the build will use ($CXX, else c++) is GCC, not Clang."""
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    text = version.stdout.lower()  # GCC's banner always names the Free Software Foundation
+    return version.returncode == 0 and "clang" not in text and "free software" in text
+
+
 def extension_modules() -> tuple[list, dict]:
     if os.environ.get("DPT_FAST_SKIP_EXT", "0") == "1":
         _log("DPT_FAST_SKIP_EXT=1: building without dpt_fast._C")
@@ -89,14 +100,19 @@ def extension_modules() -> tuple[list, dict]:
 
     cxx_flags = ["-O3", "-std=c++20"]
     link_flags: list[str] = []
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    if (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+            and _compiler_is_gcc()):
         # at::parallel_for is a header template that gets its threads from `omp parallel`:
-        # compiled without OpenMP it silently runs the CPU kernels on one thread. The extension
-        # then links libgomp.so.1, the runtime torch has already loaded (one thread pool).
+        # compiled without OpenMP it silently runs the CPU kernels on one thread. With GCC the
+        # extension links libgomp.so.1, the runtime Linux torch builds use and have already
+        # loaded: one thread pool, sized by torch.set_num_threads. (Clang's -fopenmp would load
+        # LLVM's libomp beside it, a second pool that ignores torch's thread count.)
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     elif sys.platform != "win32":
-        # The row kernels' `omp simd` loops still vectorise (no OpenMP runtime involved).
+        # The row loops run on one thread, but their `omp simd` loops still vectorise (no OpenMP
+        # runtime involved).
+        _log("CPU kernels without OpenMP: their row loops run on one thread")
         cxx_flags.append("-fopenmp-simd")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)

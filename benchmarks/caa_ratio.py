@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from dpt_fast.ops import class_aware_attention, class_aware_attention_ref
+from dpt_fast.ops import _extension, class_aware_attention, class_aware_attention_ref
 
 ROWS, KEYS, DK, DV = 10, 207, 32, 768
 
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # Without the fused kernels the op silently runs the composition: its ratio would read as
+    # parity while timing the composition against itself.
+    if not _extension.extension_available():
+        parser.error(f"dpt_fast._C is not loaded ({_extension.load_error()}): nothing to time")
+    if device == "cuda" and not _extension.cuda_kernels_available():
+        parser.error("dpt_fast._C has no CUDA kernels (built without CUDA): nothing to time")
     impls: dict[str, Callable] = {"op": class_aware_attention,
                                   "composition": class_aware_attention_ref}
     if not args.no_compile:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"K": ROWS, "M": KEYS, "dk": DK, "dv": DV}, "dtype": str(dtype),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
         or platform.machine(),
-        "torch": torch.__version__, "rounds": args.rounds,
+        "torch": torch.__version__, "rounds": args.rounds, "op_kernels": f"dpt_fast._C ({device})",
         "date": time.strftime("%Y-%m-%d"), "cases": cases,
     }
     text = json.dumps(report, indent=2)

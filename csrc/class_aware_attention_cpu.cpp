@@ -2,13 +2,17 @@
 //
 // Why our own exp: std::exp is a library call, so a loop around it stays scalar, and the
 // softmax stages then cost several times ATen's (which uses SLEEF). exp_poly below is branch-free
-// arithmetic (Cody-Waite range reduction and a degree-6 polynomial, as in Cephes' expf, max error
-// about 2 ulp), so every loop that calls it vectorises. Reductions (max, sum, dot) vectorise
-// through `omp simd reduction` (setup.py compiles with -fopenmp, or -fopenmp-simd without it).
+// arithmetic (Cody-Waite range reduction and a degree-6 polynomial, as in Cephes' expf), so every
+// loop that calls it vectorises. Its relative error is below 1 ulp for x <= 88.37 and below 6 ulp
+// up to the overflow threshold (where n is clamped and r grows to ln 2); the softmax stages only
+// call it with x <= 0. Reductions (max, sum, dot) vectorise through `omp simd reduction`
+// (setup.py compiles with -fopenmp, or -fopenmp-simd without it).
 //
-// On x86-64 with GCC or Clang the float32 entry points are compiled three times (AVX-512,
-// AVX2+FMA, baseline SSE2) and the loader picks the best one the CPU has (target_clones). The
-// summation order therefore differs between machines by SIMD width: float32 rounding only.
+// On x86-64 Linux with GCC >= 12 or Clang >= 18 (older ones reject or miscompile x86-64-v*
+// clones) the float32 entry points are compiled three times (AVX-512, AVX2+FMA, baseline SSE2)
+// and the loader picks the best one the CPU has (target_clones, through a glibc ifunc). Results
+// therefore differ between machines in float32 rounding: the summation order follows the SIMD
+// width, and the AVX clones contract multiply-adds into FMAs where SSE2 rounds twice.
 
 #include "class_aware_attention_cpu.h"
 
@@ -17,7 +21,9 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GLIBC__) &&                      \
+    ((defined(__clang__) && __clang_major__ >= 18) || \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
 #define DPT_FAST_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -233,8 +233,8 @@ def two_threads():
 
 
 def test_cpu_results_do_not_depend_on_thread_count(extension: None, two_threads: None) -> None:
-    # M = 2000 makes the row loops split into several tasks (grain ~16 rows) over B·K = 80 rows,
-    # so a wrong task boundary would show up as a difference from the one-thread result.
+    # M = 2000 makes the grain ~16 rows, so the B·K = 80 rows are split between the two threads
+    # (40 each under OpenMP): a wrong [begin, end) would differ from the one-thread result.
     q, k, v, grad_out = _random_inputs((8, 10, 2000, 8, 16), torch.float32)
     threaded = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
     torch.set_num_threads(1)
@@ -249,15 +249,21 @@ def test_cpu_results_do_not_depend_on_thread_count(extension: None, two_threads:
 )
 def test_cpu_kernels_run_on_intra_op_threads(extension: None, two_threads: None) -> None:
     # at::parallel_for is a header template: compiled without OpenMP it runs on one thread and
-    # the CPU kernels silently lose their parallelism (setup.py must pass -fopenmp).
+    # the CPU kernels silently lose their parallelism (setup.py must pass -fopenmp). It must also
+    # follow torch's thread count, which a second OpenMP runtime beside torch's would ignore.
     from dpt_fast import _C
 
     assert _C._parallel_for_threads(64) == 2
+    torch.set_num_threads(1)
+    assert _C._parallel_for_threads(64) == 1
 
 
 def test_cpu_exp_matches_float64(extension: None) -> None:
     """The float32 kernels' polynomial exp: a few ulp where exp is a normal float, and the IEEE
-    answers at the edges (0 below the normal range and for -inf, inf above it, NaN for NaN)."""
+    answers at the edges (0 below the normal range and for -inf, inf above it, NaN for NaN).
+
+    It checks the SIMD clone this CPU dispatches to (e.g. the AVX-512 one), not all of them.
+    """
     from dpt_fast import _C
 
     x = torch.linspace(-87.3, 88.7, 1_000_003)
