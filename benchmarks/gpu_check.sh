@@ -44,11 +44,12 @@ step build 420 env DPT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
 step cuda_tests 300 python3 -P -m pytest tests -m cuda -q -rs -p no:cacheprovider \
     --junitxml="$OUT/cuda_tests.xml"
 
+# The class-aware attention op vs the composition, interleaved round by round (the ratio);
+# before the suites, which may run into the call's time limit.
+step caa_ratio 90 python3 -P benchmarks/caa_ratio.py --rounds 41 --out "$OUT/caa_ratio.json"
+
 step benchmarks 300 python3 -P -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/benchmarks.json"
-
-# The class-aware attention op vs the composition, interleaved round by round (the ratio).
-step caa_ratio 90 python3 -P benchmarks/caa_ratio.py --rounds 41 --out "$OUT/caa_ratio.json"
 
 # Markdown table + PNG plots of the benchmarks (and the GPU targets) into $OUT.
 step report 120 python3 -P benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" \
