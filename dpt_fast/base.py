@@ -251,27 +251,25 @@ class DPTBase(nn.Module):
         return out
 
     def loss(self, output: DPTOutput, labels: torch.Tensor, epoch: int, *,
-             layer_denominator: torch.Tensor | None = None) -> torch.Tensor:
+             layer_denominator: torch.Tensor | None = None,
+             batch_weight: float | None = None) -> torch.Tensor:
         """The authors' objective for ``epoch`` (0-based); see :func:`dpt_fast.loss.dpt_loss`.
 
-        ``layer_denominator`` is for data-parallel training (see ``layer_logit_loss``).
+        ``layer_denominator`` and ``batch_weight`` are for data-parallel training (see
+        ``dpt_loss``).
         """
-        return dpt_loss(output, labels, epoch, self.config, layer_denominator)
+        return dpt_loss(output, labels, epoch, self.config, layer_denominator, batch_weight)
 
     # ----------------------------------------------------------------------------- loading
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load prompts saved by :meth:`state_dict`.
 
-        With ``strict=True`` a state_dict of other classes or of another config is refused with
-        an error naming the difference; ``strict=False`` loads whatever tensors fit.
+        With ``strict=True`` (also when DPT sits inside the module being loaded) a state_dict of
+        other classes or of another config is refused with an error naming the difference;
+        ``strict=False`` loads whatever tensors fit and lists the difference among the
+        unexpected keys.
         """
-        # torch passes strict=True to every load hook whatever the caller asked for: remember
-        # the caller's choice for the metadata check.
-        self._strict_load = strict
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            self._strict_load = True
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_official_checkpoint(self, directory: str | os.PathLike, epoch: int | None = None,
                                  *, load_layer_classifiers: bool = True) -> None:
@@ -316,21 +314,23 @@ def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
 
 def _load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, missing_keys,
                    unexpected_keys, error_msgs) -> None:
+    # A foreign or mismatched state_dict is reported through missing/unexpected keys: torch
+    # refuses those exactly when the caller, at whatever depth DPT is nested, loads with
+    # strict=True (it passes strict=True to every hook, so the flag itself cannot be read here).
     module._load_prefix = prefix
     names = state_dict.pop(prefix + META_CLASSNAMES, None)
     config = state_dict.pop(prefix + META_CONFIG, None)
-    if not getattr(module, "_strict_load", True):
-        return
     if names is None or config is None:
-        error_msgs.append(
-            f"state_dict has no {META_CLASSNAMES}/{META_CONFIG} entries: it was not written by "
-            "dpt_fast's DPT.state_dict() (for the authors' checkpoints use "
+        missing_keys.append(
+            f"{prefix}{META_CLASSNAMES} and {prefix}{META_CONFIG} (the state_dict was not "
+            "written by dpt_fast's DPT.state_dict(); for the authors' checkpoints use "
             "load_official_checkpoint)"
         )
         return
     problems = _describe_mismatch(module, decode_json_tensor(names), decode_json_tensor(config))
     if problems:
-        error_msgs.append("state_dict does not belong to this model: " + "; ".join(problems))
+        unexpected_keys.append(f"{prefix}{META_CLASSNAMES}/{META_CONFIG} of another model: the "
+                               "state_dict does not belong to this model: " + "; ".join(problems))
 
 
 def _load_post_hook(module: DPTBase, incompatible_keys) -> None:

@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    """Defaults < YAML < flags; also whether the template was given explicitly."""
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]:
+    """Defaults < YAML < flags; also the names of the fields the user set (YAML or flag)."""
     values = config_to_dict(TrainConfig())
     explicit: dict = {}
     if getattr(args, "config", None) is not None:
@@ -101,7 +101,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         loaded = yaml.safe_load(args.config.read_text()) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"dpt-fast: {args.config} must hold a mapping of field: value")
-        explicit.update(loaded.pop("model", {}) or {})
+        model_values = loaded.pop("model", {}) or {}
+        if not isinstance(model_values, dict):
+            raise SystemExit(f"dpt-fast: invalid configuration: 'model' in {args.config} must "
+                             f"be a mapping of DPTConfig fields, got {model_values!r} (for the "
+                             f"method preset write 'method: {model_values}')")
+        explicit.update(model_values)
         explicit.update(loaded)
     model_names = {f.name for f in dataclasses.fields(DPTConfig)}
     for key, value in vars(args).items():
@@ -113,7 +118,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         else:
             values[key] = value
     try:
-        return config_from_dict(values), "template" in explicit
+        return config_from_dict(values), frozenset(explicit)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"dpt-fast: invalid configuration: {err}") from None
 
@@ -133,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         return main_from_args(args)
     from dpt_fast.engine.run import eval_run, train_run
 
-    config, template_explicit = resolve_config(args)
+    config, explicit = resolve_config(args)
     if args.command == "train":
-        results = train_run(config, template_explicit)
+        results = train_run(config, "template" in explicit)
     else:
         results = eval_run(config, checkpoint=args.checkpoint, official_dir=args.official_dir,
-                           official_epoch=args.official_epoch,
-                           template_explicit=template_explicit)
+                           official_epoch=args.official_epoch, explicit=explicit)
     line = f"{config.dataset} test accuracy: {results['test']['accuracy']:.2f}%"
     if "harmonic_mean" in results:
         line += (f" | new classes: {results['test_new']['accuracy']:.2f}%"

@@ -60,14 +60,17 @@ def layer_logit_loss(layer_logits: torch.Tensor, topk_indices: torch.Tensor,
 
 
 def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int, config: DPTConfig,
-             layer_denominator: torch.Tensor | None = None) -> torch.Tensor:
+             layer_denominator: torch.Tensor | None = None,
+             batch_weight: float | None = None) -> torch.Tensor:
     """The objective of ``config.method`` at ``epoch`` (0-based), shared/DESIGN.md §1.
 
     Guidance epochs (epoch < guidance_epochs, methods with guidance):
         CE(logits_zeroshot_image) + CE(logits_handcrafted_text) + 0.1 · CE(logits);
     afterwards, and for methods without guidance: CE(logits). Methods with CAVPT add
     α · CE over the layer logits of the selected slots whose class equals the label.
-    Cross-entropies of fp16/bf16 logits are computed in fp32.
+    Cross-entropies of fp16/bf16 logits are computed in fp32. ``batch_weight`` multiplies the
+    batch-mean cross-entropies (data-parallel training with unequal shares of a global batch;
+    the layer term has its own global ``layer_denominator``).
     """
     check_labels(labels, output.logits.shape[0], output.logits.shape[1])
     labels = labels.long()
@@ -86,6 +89,8 @@ def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int, config: DPTCon
         )
     else:
         loss = main
+    if batch_weight is not None:
+        loss = loss * batch_weight
     if output.layer_logits is not None and output.topk_indices is not None:
         loss = loss + config.alpha * layer_logit_loss(
             output.layer_logits, output.topk_indices, labels, layer_denominator

@@ -42,7 +42,8 @@ class DPT(DPTBase):
         # Plain attributes, not submodules: they only read the (already registered) CLIP.
         self._vision = PromptedVisionEncoder(clip.visual)
         self._text = SharedPrefixTextEncoder(clip) if self.text_prompts is not None else None
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        # (key, context values, features) of the last eval-mode text encoding
+        self._text_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def train(self, mode: bool = True) -> DPT:
         self._text_cache = None
@@ -53,22 +54,25 @@ class DPT(DPTBase):
         ctx = self.text_prompts.ctx
         device = ctx.device.type
         autocast = torch.is_autocast_enabled(device)
-        return (ctx._version, ctx.data_ptr(), ctx.device, autocast,
+        return (ctx.device, ctx.dtype, autocast,
                 torch.get_autocast_dtype(device) if autocast else None)
 
     def encode_learned_text(self) -> torch.Tensor:
         """Text features (C, E) of the learned prompts, shared prefix + truncated suffixes.
 
-        Cached in eval mode when autograd is off; any in-place update of the context (optimizer
-        step, ``load_state_dict``), ``train()`` or a change of autocast state invalidates it.
+        Cached in eval mode when autograd is off, keyed on the context's values (so any update
+        counts: an optimizer step, fused or not, ``load_state_dict``, a write through
+        ``.data``), its device and dtype and the autocast state; ``train()`` drops it. Not
+        cached inside torch.compile, whose graphs cannot hold the comparison.
         """
-        if self.training or torch.is_grad_enabled():
-            self._text_cache = None
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._text(self.text_prompts)
+        ctx = self.text_prompts.ctx
         key = self._text_cache_key()
-        if self._text_cache is None or self._text_cache[0] != key:
-            self._text_cache = (key, self._text(self.text_prompts))
-        return self._text_cache[1]
+        cached = self._text_cache
+        if cached is None or cached[0] != key or not torch.equal(cached[1], ctx):
+            self._text_cache = (key, ctx.detach().clone(), self._text(self.text_prompts))
+        return self._text_cache[2]
 
     # ----------------------------------------------------------------------------- vision
     @torch.no_grad()

@@ -25,6 +25,8 @@ we ignore them (they are rebuilt from the class names).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import pickle
 from collections.abc import Iterator
@@ -56,6 +58,27 @@ def checkpoint_filename(epoch: int | None) -> str:
     return "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
 
 
+def _allow_training_state_classes():
+    """A context in which ``torch.load(weights_only=True)`` also accepts torch's optimizer and
+    LR-scheduler classes (plus ``dict`` and ``defaultdict``, which rebuild their state).
+
+    Dassl saves the scheduler's ``state_dict()`` beside the weights, and its warm-up scheduler
+    keeps the cosine scheduler it hands over to (with that scheduler's optimizer) as an object
+    in there. These classes only restore attributes when unpickled: no code of the file runs.
+    """
+    from torch.optim import lr_scheduler
+
+    base = getattr(lr_scheduler, "LRScheduler", lr_scheduler._LRScheduler)
+    classes = [c for c in vars(torch.optim).values()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    classes += [c for c in vars(lr_scheduler).values()
+                if isinstance(c, type) and issubclass(c, base)]
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if safe_globals is None:
+        return contextlib.nullcontext()
+    return safe_globals([*classes, collections.defaultdict, dict])
+
+
 def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dict:
     """The ``state_dict`` of one sub-module's checkpoint, loaded with ``weights_only=True``."""
     path = Path(directory) / part / checkpoint_filename(epoch)
@@ -66,7 +89,8 @@ def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dic
             f"{checkpoint_filename(epoch)} (the parts this method uses)."
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with _allow_training_state_classes():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(f"cannot read {path} as a tensor-only torch checkpoint: {err}") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.official import CAVPT_PART, TEXT_PART, VISUAL_PART
@@ -53,6 +54,19 @@ def test_nested_state_dict_round_trip(tiny_clip_model, classnames):
     _assert_same_prompts(outer_a["dpt"], outer_b["dpt"])
 
 
+def test_nested_non_strict_load_reports_instead_of_raising(tiny_clip_model, classnames):
+    outer = torch.nn.ModuleDict({"dpt": _model(tiny_clip_model, classnames, 0)})
+    other = torch.nn.ModuleDict(
+        {"dpt": _model(tiny_clip_model, [*classnames[:-1], "helicopter"], 1)})
+    with pytest.raises(RuntimeError, match="'helicopter'"):
+        outer.load_state_dict(other.state_dict())
+    result = outer.load_state_dict(other.state_dict(), strict=False)
+    assert any("helicopter" in key for key in result.unexpected_keys)
+    loaded, source = outer["dpt"].state_dict(), other["dpt"].state_dict()
+    for key in (k for k in source if not k.startswith("dpt_meta.")):
+        assert torch.equal(loaded[key], source[key]), key
+
+
 def test_loading_other_classes_names_the_difference(tiny_clip_model, classnames):
     a = _model(tiny_clip_model, classnames, 0)
     other = _model(tiny_clip_model, [*classnames[:-1], "helicopter"], 0)
@@ -81,13 +95,32 @@ def test_loading_a_foreign_state_dict_is_refused(tiny_clip_model, classnames):
 
 
 # ------------------------------------------------------------------------- official format
+class _DasslWarmup(LRScheduler):
+    """Dassl's ConstantWarmupScheduler, in its structure: a successor scheduler as attribute."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+
 def _write_official(model: DPT, directory, filename="model-best.pth.tar", dtype=torch.float16,
                     n_classes=None):
     """Write the model's prompts as the authors' Dassl trainer saves them."""
 
     def save(part, state):
+        # As Dassl saves it: beside the weights, the optimizer's and the warm-up scheduler's
+        # state; the latter holds the cosine scheduler (and its optimizer) as objects.
+        param = torch.nn.Parameter(torch.zeros(2))
+        optimizer = torch.optim.SGD([param], lr=0.002, momentum=0.9)
+        scheduler = _DasslWarmup(optimizer, CosineAnnealingLR(optimizer, 50), 1, 1e-5)
         os.makedirs(directory / part, exist_ok=True)
-        torch.save({"state_dict": state, "epoch": 5, "optimizer": None, "scheduler": None},
+        torch.save({"state_dict": state, "epoch": 5, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "val_result": 0.0},
                    directory / part / filename)
 
     text = model.text_prompts

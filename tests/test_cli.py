@@ -55,6 +55,22 @@ def colour_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> Path:
+    """The colour task with 15 training images, an odd number: 6 per class in train/, of
+    which the image-folder reader keeps one per class for validation."""
+    root = tmp_path_factory.mktemp("odd_colours")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 6), ("test", 2)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
 def _train_args(clip_files, root, out, epochs=4, extra=()):
     config, weights = clip_files
     return ["train", "--dataset", "folder", "--root", str(root), "--shots", "-1",
@@ -121,20 +137,112 @@ def test_train_resume_and_eval(clip_files, colour_folder, tmp_path, monkeypatch,
     assert f"{results['test']['accuracy']:.2f}%" in capsys.readouterr().out
 
 
+def test_resume_refuses_other_settings_and_keeps_the_history(clip_files, colour_folder,
+                                                            tmp_path):
+    out = tmp_path / "run"
+    assert main(_train_args(clip_files, colour_folder, out, epochs=2,
+                            extra=["--eval-every", "1"])) == 0
+    results = json.loads((out / "results.json").read_text())
+    # --eval-every 1: epoch 1 evaluated on the test split; the last epoch by the final report
+    assert "test_accuracy" in results["history"][0] and "test_accuracy" not in \
+        results["history"][1]
+    assert [r["epoch"] for r in results["history"]] == [1, 2]
+    assert results["history"][0]["lr"] == [0.05, 0.05]  # the epoch's own lr, before stepping
+
+    with pytest.raises(ValueError, match=r"epochs: 2 -> 3.*lr: 0.05 -> 0.5"):
+        main(_train_args(clip_files, colour_folder, out, epochs=3,
+                         extra=["--resume", "--lr", "0.5"]))
+    # Resuming a finished run with the same settings keeps the whole history.
+    assert main(_train_args(clip_files, colour_folder, out, epochs=2,
+                            extra=["--resume", "--eval-every", "1"])) == 0
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    # A fresh run in the same folder starts a new log.
+    assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 0
+    log = (out / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1]
+
+
+def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
+        clip_files, colour_folder, tmp_path, monkeypatch):
+    from dpt_fast.engine import run as run_module
+
+    out = tmp_path / "run"
+    assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 0
+    built = []
+    original = run_module.DPT
+
+    def spy(clip, classnames, config):
+        built.append(config)
+        return original(clip, classnames, config)
+
+    monkeypatch.setattr(run_module, "DPT", spy)
+    base = ["eval", "--checkpoint", str(out / "checkpoint-last.safetensors"), "--dataset",
+            "folder", "--root", str(colour_folder), "--device", "cpu", "--num-workers", "0",
+            "--output-dir", str(tmp_path / "eval")]
+    # backbone and weights default to the checkpoint's; the explicit template is used
+    assert main([*base, "--template", "a blurry photo of a {}."]) == 0
+    assert built[-1].template == "a blurry photo of a {}."
+    assert built[-1].cavpt_top_k == 2
+    with pytest.raises(ValueError, match=r"drop the model settings \['cavpt_top_k'\]"):
+        main([*base, "--cavpt-top-k", "3"])
+
+
+def test_train_on_a_test_only_dataset_is_refused(clip_files, colour_folder, tmp_path,
+                                                 monkeypatch):
+    from dpt_fast.engine import run as run_module
+
+    original = run_module.load_splits
+
+    def test_only(*args, **kwargs):
+        splits = original(*args, **kwargs)
+        splits.train = []
+        return splits
+
+    monkeypatch.setattr(run_module, "load_splits", test_only)
+    with pytest.raises(ValueError, match="no training images"):
+        main(_train_args(clip_files, colour_folder, tmp_path / "run", epochs=1))
+
+
 def test_yaml_config_and_flag_precedence(clip_files, colour_folder, tmp_path):
     from dpt_fast.cli import resolve_config
 
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epochs: 3\nmethod: vlp\nmodel:\n  n_visual_ctx: 4\nseed: 7\n")
     args = build_parser().parse_args(["train", "--config", str(yaml_file), "--seed", "9"])
-    config, template_explicit = resolve_config(args)
+    config, explicit = resolve_config(args)
     assert (config.epochs, config.seed) == (3, 9)
     assert (config.model.method, config.model.n_visual_ctx) == ("vlp", 4)
-    assert not template_explicit
+    assert explicit == {"epochs", "method", "n_visual_ctx", "seed"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")
     with pytest.raises(SystemExit, match="epochz"):
         resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("model: dpt\n", "'model' .* must be a mapping"),
+    ("epochs: many\n", "epochs must be int, got 'many'"),
+    ("subsample: some\n", "subsample must be one of"),
+    ("resume: yes please\n", "resume must be bool"),
+])
+def test_yaml_values_of_the_wrong_type_name_the_field(tmp_path, text, match):
+    from dpt_fast.cli import resolve_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit, match=match):
+        resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
+
+
+def test_yaml_numbers_in_exponent_notation_are_floats(tmp_path):
+    from dpt_fast.cli import resolve_config
+
+    good = tmp_path / "run.yaml"
+    good.write_text("lr: 1e-3\nwarmup_lr: 1e-5\nepochs: 2\nmodel:\n  alpha: 1\n")
+    config, _ = resolve_config(build_parser().parse_args(["train", "--config", str(good)]))
+    assert (config.lr, config.warmup_lr, config.epochs) == (1e-3, 1e-5, 2)
+    assert isinstance(config.model.alpha, float)
 
 
 def test_missing_dataset_names_the_layout(clip_files, tmp_path):
@@ -156,13 +264,16 @@ def test_report_aggregates_seeds(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(clip_files, colour_folder, tmp_path):
+def test_two_process_ddp_equals_one_process(clip_files, odd_folder, tmp_path):
+    # 15 training images under a global batch of 16: one global batch of 15 per epoch, which the
+    # two processes split 8 + 7 (their cross-entropies are weighted to the global mean).
     single, double = tmp_path / "single", tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = _train_args(clip_files, colour_folder, single, epochs=2)
+    extra = ["--batch-size", "16"]
+    args = _train_args(clip_files, odd_folder, single, epochs=2, extra=extra)
     subprocess.run([sys.executable, "-m", "dpt_fast", *args], check=True, env=env,
                    capture_output=True, timeout=600)
-    args = _train_args(clip_files, colour_folder, double, epochs=2)
+    args = _train_args(clip_files, odd_folder, double, epochs=2, extra=extra)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "dpt_fast", *args], env=env, capture_output=True, text=True, timeout=600)

@@ -99,3 +99,45 @@ def test_prompts_transfer_to_other_classes(tiny_clip_model, classnames, images):
     csc_target = DPT(tiny_clip_model, ["boat"], DPTConfig(class_specific_ctx=True))
     with pytest.raises(ValueError, match="class-specific"):
         load_for_classes(csc_target, csc.state_dict())
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(17, 6, 1), (17, 6, 2), (24, 6, 3),
+                                                   (11, 32, 2), (10, 32, 4), (63, 32, 2)])
+def test_global_batches_do_not_depend_on_the_process_count(n, batch, world):
+    from dpt_fast.engine.trainer import GlobalBatchSampler
+
+    single = GlobalBatchSampler(n, batch, 0, 1, seed=5)
+    single.set_epoch(3)
+    expected = list(single)
+    # Dassl's rule: the last incomplete batch goes when there is one full batch
+    assert len(expected) == (n // batch if n >= batch else 1)
+    shares = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(n, batch, rank, world, seed=5)
+        sampler.set_epoch(3)
+        shares.append(list(sampler))
+    assert all(len(part) == len(expected) for part in shares)
+    for step, batch_indices in enumerate(expected):
+        assert [i for part in shares for i in part[step]] == batch_indices
+        sizes = [len(part[step]) for part in shares]
+        assert max(sizes) - min(sizes) <= 1
+        weights = [GlobalBatchSampler(n, batch, r, world, 5).batch_weight(size)
+                   for r, size in enumerate(sizes)]
+        if len(set(sizes)) == 1:
+            assert weights == [None] * world
+        else:  # the weighted means average to the global mean
+            assert sum(weights) == pytest.approx(world)
+
+
+def test_global_batches_need_a_sample_per_process():
+    from dpt_fast.engine.trainer import GlobalBatchSampler
+
+    with pytest.raises(ValueError, match="fewer than the 4 processes"):
+        GlobalBatchSampler(3, 32, 0, 4, seed=1)
+
+
+def test_a_torn_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "checkpoint-last.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00")
+    with pytest.raises(ValueError, match="corrupt or incomplete checkpoint"):
+        ckpt.read_checkpoint(path)

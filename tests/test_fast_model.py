@@ -92,6 +92,29 @@ def test_torch_compile_matches_eager(tiny_clip_model, classnames, images):
                                    rtol=1e-5, atol=1e-5)
     assert torch.equal(out.topk_indices, eager.topk_indices)
 
+    # Evaluation: no_grad calls, repeatedly, as an evaluation loop makes them.
+    model.eval()
+    with torch.no_grad():
+        expected = model(images).logits
+        for _ in range(2):
+            torch.testing.assert_close(compiled(images).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_cache_follows_updates_that_bump_no_version(tiny_clip_model, classnames, images):
+    # Writes through .data (EMA copies) and fused optimizers change the values without bumping
+    # the tensor's version counter: the cache compares the values themselves.
+    model = DPT(tiny_clip_model, classnames, DPTConfig(cavpt_top_k=3)).eval()
+    with torch.no_grad():
+        before = model(images).logits
+        version = model.text_prompts.ctx._version
+        model.text_prompts.ctx.data.mul_(-1.5)
+        assert model.text_prompts.ctx._version == version
+        after = model(images).logits
+        model._text_cache = None
+        fresh = model(images).logits
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
 
 def test_custom_blocks_are_refused_with_a_pointer_to_the_reference(classnames):
     clip = open_clip.CLIP(

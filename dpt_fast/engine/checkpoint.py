@@ -4,8 +4,8 @@ Tensors (safetensors): the model's ``state_dict`` (prompts + metadata, never the
 ``model.``, the optimizer's per-parameter state (momentum buffers) under ``optim.<index>.``,
 and the torch/CUDA/numpy RNG states under ``rng.``. Everything else (epoch, optimizer
 hyper-parameters, scheduler and grad-scaler state, Python's RNG state, the run config, metrics)
-is JSON in the file's metadata. A write goes to ``<path>.tmp`` and is renamed over ``path``, so a
-crash never leaves a half-written checkpoint.
+is JSON in the file's metadata. A write goes to a temporary file, is fsynced and renamed over
+``path``, so neither a crash nor a power loss leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from dpt_fast.data.pickling import atomic_write_bytes
 
 METADATA_KEY = "dpt_fast"
 FORMAT_VERSION = 1
@@ -76,11 +78,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
         "rng": rng_meta,
         **info,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    # Temporary file, fsync, rename: neither a crash nor a power loss leaves a torn checkpoint.
+    atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,11 +87,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if METADATA_KEY not in metadata:
-            raise ValueError(f"{path} is a safetensors file but not a dpt_fast checkpoint")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise ValueError(f"{path} is a safetensors file but not a dpt_fast checkpoint")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): a corrupt or "
+                         "incomplete checkpoint") from err
     return tensors, json.loads(metadata[METADATA_KEY])
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,10 +62,60 @@ def config_to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def _coerce(owner: str, name: str, hint, value):
+    """``value`` as the type ``hint`` of field ``name``: YAML reads ``1e-3`` as a string and
+    ``5`` as an int where a float is meant. Anything else that does not fit raises, naming the
+    field, the value and the expected type."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{owner}.{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):  # e.g. int | None
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(owner, name, inner[0], value) if len(inner) == 1 else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ValueError(f"{owner}.{name} must be {hint.__name__}, got {value!r} "
+                     f"({type(value).__name__})")
+
+
+def _coerced(cls, values: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(cls.__name__, k, hints[k], v) for k, v in values.items()}
+
+
 def config_from_dict(values: dict) -> TrainConfig:
-    """A TrainConfig from a flat or nested dict; unknown keys raise naming them."""
+    """A TrainConfig from a flat or nested dict; unknown keys or values of the wrong type raise
+    naming them. Numbers given as strings (YAML's ``1e-3``) are converted."""
     values = dict(values)
-    model_values = dict(values.pop("model", {}) or {})
+    model_values = values.pop("model", {}) or {}
+    if not isinstance(model_values, dict):
+        raise ValueError(f"config key 'model' must be a mapping of DPTConfig fields, got "
+                         f"{model_values!r}; for the method preset use 'method: {model_values}'")
+    model_values = dict(model_values)
     model_fields = {f.name for f in dataclasses.fields(DPTConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     for key in list(values):
@@ -73,4 +125,5 @@ def config_from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; valid: {sorted(train_fields)} and "
                          f"the DPTConfig fields {sorted(model_fields)}")
-    return TrainConfig(**values, model=DPTConfig(**model_values))
+    return TrainConfig(**_coerced(TrainConfig, values),
+                       model=DPTConfig(**_coerced(DPTConfig, model_values)))

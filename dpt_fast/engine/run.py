@@ -28,6 +28,7 @@ from dpt_fast.data import (
     build_transforms,
     image_folder_dataset,
 )
+from dpt_fast.data.pickling import atomic_write_bytes
 from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.distributed import close_distributed, init_distributed
@@ -136,9 +137,7 @@ def _join_process_group(device_name: str):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
 def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
@@ -151,6 +150,10 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         splits = load_splits(config.dataset, config.root, config.shots, config.seed,
                              config.subsample)
+        if not splits.train:
+            raise ValueError(f"{config.dataset} has no training images under {config.root} "
+                             "(test-only datasets such as imagenet_r are for `dpt-fast eval` "
+                             "of a checkpoint trained elsewhere)")
         model_config = _model_config(config, splits, template_explicit)
         clip = load_clip(config.backbone, config.pretrained, device)
         seed_all(config.seed)  # same prompt initialisation on every process
@@ -164,7 +167,8 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
             trainer.resume()
         if info.is_main:
             _write_json(output_dir / "config.json", config_to_dict(run_config))
-        history = trainer.fit()
+        history = trainer.fit(
+            lambda: _eval_split(model, splits, run_config, device, info, "test"))
         results = {"config": config_to_dict(run_config), "dataset": config.dataset,
                    "classes": splits.classnames, "history": history}
         results["test"] = _eval_split(model, splits, run_config, device, info, "test")
@@ -183,30 +187,53 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
         close_distributed()
 
 
+def _checkpoint_run_config(config: TrainConfig, saved: dict,
+                           explicit: frozenset[str]) -> tuple[TrainConfig, bool]:
+    """The config to evaluate a dpt_fast checkpoint with, and whether its template is fixed.
+
+    The model config is the checkpoint's: a model field set by the user (other than the
+    template) is refused rather than ignored. Backbone and weights default to the checkpoint's;
+    set explicitly to something else, they are used with a warning. The template: the user's
+    if given, else the training template on the same dataset, else the dataset's own.
+    """
+    model_fields = {f.name for f in dataclasses.fields(DPTConfig)}
+    refused = sorted((explicit & model_fields) - {"template"})
+    if refused:
+        raise ValueError(f"eval --checkpoint uses the checkpoint's model config; drop the "
+                         f"model settings {refused} (only the template may change)")
+    model_config = DPTConfig(**saved["model"])
+    if "template" in explicit:
+        model_config = dataclasses.replace(model_config, template=config.model.template)
+    changes = {"model": model_config}
+    for name in ("backbone", "pretrained"):
+        if name not in explicit:
+            changes[name] = saved[name]
+        elif getattr(config, name) != saved[name]:
+            log.warning("evaluating with %s %s; the checkpoint was trained with %s", name,
+                        getattr(config, name), saved[name])
+    template_fixed = "template" in explicit or saved["dataset"] == config.dataset
+    return dataclasses.replace(config, **changes), template_fixed
+
+
 def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
              official_dir: str | None = None, official_epoch: int | None = None,
-             template_explicit: bool = False) -> dict:
+             explicit: frozenset[str] = frozenset()) -> dict:
     """Evaluate prompts on ``config.dataset``'s test split: a dpt_fast checkpoint (its saved
-    config is used) or the authors' checkpoint directory (``config.model`` describes it)."""
+    config is used, see ``_checkpoint_run_config``) or the authors' checkpoint directory
+    (``config.model`` describes it). ``explicit``: the config fields the user set."""
     info = _join_process_group(config.device)
     try:
         device = resolve_device(config.device, info)
         state = None
-        model_config = config.model
+        template_explicit = "template" in explicit
         if checkpoint is not None:
             tensors, meta = ckpt.read_checkpoint(checkpoint)
             state = ckpt.model_state(tensors)
-            saved = meta["config"]
-            model_config = DPTConfig(**saved["model"])
-            # Same dataset: the template it was trained with; another dataset: that dataset's.
-            if saved["dataset"] == config.dataset:
-                template_explicit = True
-            if config.backbone != saved["backbone"]:
-                log.warning("evaluating with backbone %s; the checkpoint was trained with %s",
-                            config.backbone, saved["backbone"])
+            config, template_explicit = _checkpoint_run_config(config, meta["config"], explicit)
         elif official_dir is None:
             raise ValueError("eval needs --checkpoint or --official-dir")
         splits = load_splits(config.dataset, config.root, -1, config.seed, config.subsample)
+        model_config = config.model
         if not template_explicit:
             model_config = dataclasses.replace(model_config, template=splits.template)
         clip = load_clip(config.backbone, config.pretrained, device)

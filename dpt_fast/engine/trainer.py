@@ -1,10 +1,11 @@
 """Training and evaluation of DPT on a dataset, on one device or many (torchrun / DDP).
 
-Reproducibility: the data order comes from a DistributedSampler seeded with the run seed and
-the epoch, and each sample's augmentation from a generator seeded with (seed, epoch, index).
-Neither depends on the number of processes, the worker processes or what ran before, so a
-resumed run repeats the uninterrupted one and a 2-process run sees the same global batches as a
-1-process run with the same global batch size.
+Reproducibility: the data order comes from one permutation per epoch seeded with the run seed
+and the epoch, cut into global batches that the processes split (GlobalBatchSampler), and each
+sample's augmentation from a generator seeded with (seed, epoch, index). Neither depends on the
+number of processes, the worker processes or what ran before, so a resumed run repeats the
+uninterrupted one and a 2-process run sees the same global batches as a 1-process run with the
+same global batch size.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dpt_fast.base import DPTBase
@@ -34,6 +36,7 @@ from dpt_fast.loss import layer_hits
 log = logging.getLogger("dpt_fast")
 
 LAST_CHECKPOINT = "checkpoint-last.safetensors"
+TRAIN_LOG = "train_log.jsonl"
 _SEED_STRIDE = 1_000_003  # separates the (seed, epoch, index) streams
 
 
@@ -85,11 +88,61 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's share of every training step, the same global batches for any number of
+    processes.
+
+    Each epoch draws one permutation of the n training samples (seeded by seed + epoch, as
+    DistributedSampler draws it) and cuts it into global batches of ``batch_size``; process r
+    takes the r-th contiguous slice of each. The last incomplete global batch is dropped when
+    the set holds at least one full batch (Dassl's rule); a smaller set is one global batch,
+    split as evenly as possible (then the slices may differ by one sample: see
+    :meth:`batch_weight`). Nothing is padded or repeated.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        if n < world_size:
+            raise ValueError(f"the training set holds {n} images, fewer than the {world_size} "
+                             "processes: use fewer processes")
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.epoch = seed, 0
+        self.global_batch = batch_size if n >= batch_size else n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch
+
+    def _slice(self, size: int) -> tuple[int, int]:
+        """[start, end) of this process's part of a global batch of ``size`` samples."""
+        base, extra = divmod(size, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    def batch_weight(self, local_size: int) -> float | None:
+        """Factor on this process's mean cross-entropy so that DDP's average over processes is
+        the global batch's mean (None when every process holds an equal share)."""
+        if self.global_batch % self.world_size == 0:
+            return None
+        return local_size * self.world_size / self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        start, end = self._slice(self.global_batch)
+        for step in range(len(self)):
+            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            yield batch[start:end]
+
+
 @dataclass
 class EpochStats:
     loss: float
     accuracy: float
     images_per_s: float
+    lr: list[float]  # the learning rate of each parameter group during the epoch
 
 
 class Trainer:
@@ -104,8 +157,8 @@ class Trainer:
         self.model, self.config, self.device, self.info = model, config, device, info
         self.output_dir = output_dir
         self.train_set = SeededSamples(train_set, config.seed)
-        self.sampler = DistributedSampler(self.train_set, num_replicas=info.world_size,
-                                          rank=info.rank, shuffle=True, seed=config.seed)
+        self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, info.rank,
+                                          info.world_size, config.seed)
         groups = model.parameter_groups()
         text = groups.get("text_prompts", [])
         visual = groups.get("visual_prompts", []) + groups.get("cavpt", [])
@@ -147,6 +200,12 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         tensors, meta = ckpt.read_checkpoint(path)
+        changed = config_changes(meta["config"], config_to_dict(self.config))
+        if changed:
+            raise ValueError(
+                f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
+                "resume with the checkpoint's settings, or start a new run in another "
+                "output_dir")
         self.model.load_state_dict(ckpt.model_state(tensors))
         self.start_epoch = ckpt.restore_training_state(
             tensors, meta, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
@@ -156,13 +215,9 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
         self.train_set.epoch = epoch
-        workers = self.config.num_workers
-        # Dassl drops the last incomplete batch whenever the set holds one full batch.
-        drop_last = len(self.train_set) >= self.config.batch_size
         return DataLoader(
-            self.train_set, batch_size=self.config.batch_size // self.info.world_size,
-            sampler=self.sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
-            drop_last=drop_last, persistent_workers=False,
+            self.train_set, batch_sampler=self.sampler, num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
 
     def _autocast(self):
@@ -182,7 +237,8 @@ class Trainer:
             with self._autocast():
                 out = self.forward_model(images)
                 loss = self.model.loss(out, labels, epoch,
-                                       layer_denominator=self._layer_denominator(out, labels))
+                                       layer_denominator=self._layer_denominator(out, labels),
+                                       batch_weight=self.sampler.batch_weight(len(labels)))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -195,12 +251,13 @@ class Trainer:
             bar.set_postfix(loss=f"{total_loss / total_seen:.4f}",
                             acc=f"{100 * total_correct / total_seen:.1f}",
                             img_s=f"{total_seen * self.info.world_size / elapsed:.1f}")
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler.step()
         sums = all_reduce_sum(torch.tensor([total_loss, total_correct, total_seen],
                                            dtype=torch.float64, device=self.device), self.info)
         loss_sum, correct, seen = sums.tolist()
         return EpochStats(loss=loss_sum / max(seen, 1), accuracy=100 * correct / max(seen, 1),
-                          images_per_s=seen / (time.perf_counter() - start))
+                          images_per_s=seen / (time.perf_counter() - start), lr=lrs)
 
     def _layer_denominator(self, out, labels) -> torch.Tensor | None:
         """The global hit count / processes, so DDP's mean of gradients is the global mean."""
@@ -210,21 +267,37 @@ class Trainer:
         total = all_reduce_sum(hits.to(torch.float32), self.info)
         return total.clamp(min=1.0) / self.info.world_size
 
-    def fit(self) -> list[dict]:
-        history = []
+    def log_path(self) -> Path:
+        return self.output_dir / TRAIN_LOG
+
+    def fit(self, evaluate_fn: Callable[[], dict] | None = None) -> list[dict]:
+        """Train from ``start_epoch`` to the end; returns the whole run's per-epoch records.
+
+        Every ``eval_every`` epochs (not after the last: the caller evaluates then)
+        ``evaluate_fn()``'s accuracy joins the epoch's record. A fresh run starts a new
+        ``train_log.jsonl``; a resumed one appends to it, and the history returned is read back
+        from it, so it covers the epochs before the resume too.
+        """
+        if self.info.is_main and self.start_epoch == 0:
+            self.log_path().unlink(missing_ok=True)
+        every = self.config.eval_every
         for epoch in range(self.start_epoch, self.config.epochs):
             stats = self.train_epoch(epoch)
             self.save(epoch, stats)
+            record = {"epoch": epoch + 1, **vars(stats)}
+            if evaluate_fn is not None and every > 0 and (epoch + 1) % every == 0 \
+                    and epoch + 1 < self.config.epochs:
+                record["test_accuracy"] = evaluate_fn()["accuracy"]
             barrier(self.info)
-            record = {"epoch": epoch + 1, **vars(stats),
-                      "lr": [g["lr"] for g in self.optimizer.param_groups]}
-            history.append(record)
             if self.info.is_main:
-                log.info("epoch %d/%d loss %.4f acc %.2f %.1f img/s", epoch + 1,
-                         self.config.epochs, stats.loss, stats.accuracy, stats.images_per_s)
-                with open(self.output_dir / "train_log.jsonl", "a") as f:
+                log.info("epoch %d/%d loss %.4f acc %.2f %.1f img/s%s", epoch + 1,
+                         self.config.epochs, stats.loss, stats.accuracy, stats.images_per_s,
+                         f" test acc {record['test_accuracy']:.2f}"
+                         if "test_accuracy" in record else "")
+                with open(self.log_path(), "a") as f:
                     f.write(json.dumps(record) + "\n")
-        return history
+        barrier(self.info)
+        return read_history(self.log_path(), self.config.epochs) if self.info.is_main else []
 
 
 @torch.no_grad()
@@ -251,6 +324,40 @@ def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: tor
     preds = torch.tensor([p for _, p in merged], dtype=torch.long)
     truth = torch.tensor([labels[i] for i, _ in merged], dtype=torch.long)
     return classification_report(preds, truth, model.classnames)
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """The per-epoch records of ``train_log.jsonl``, the last one of each epoch <= ``epochs``
+    (a run resumed after a crash may have logged an epoch twice)."""
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch) if e <= epochs]
+
+
+# Run settings that may change between a checkpoint and its resumption: where the data and the
+# outputs are, how it is loaded and evaluated; everything else shapes the training itself.
+RESUMABLE_CHANGES = frozenset({"root", "num_workers", "eval_batch_size", "eval_every", "device",
+                               "output_dir", "resume"})
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"name: saved -> current"`` for each training setting that differs (model fields too)."""
+    changes = []
+    for name in sorted(set(saved) | set(current)):
+        if name in RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(name), current.get(name)
+        if name == "model" and isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
 
 
 def check_schedule(config: TrainConfig) -> None:
