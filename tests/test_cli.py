@@ -250,17 +250,33 @@ def test_missing_dataset_names_the_layout(clip_files, tmp_path):
         main(_train_args(clip_files, tmp_path / "nowhere", tmp_path / "out"))
 
 
+def _write_result(folder: Path, seed: int, acc: float, lr: float = 0.01) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "dataset": "eurosat", "config": {"seed": seed, "shots": 16, "subsample": "all",
+                                         "backbone": "ViT-B-16", "lr": lr,
+                                         "output_dir": str(folder), "model": {"method": "dpt"}},
+        "test": {"accuracy": acc, "macro_f1": acc - 1}}))
+
+
 def test_report_aggregates_seeds(tmp_path, capsys):
     for seed, acc in ((1, 80.0), (2, 90.0)):
-        run = tmp_path / f"seed{seed}"
-        run.mkdir()
-        (run / "results.json").write_text(json.dumps({
-            "dataset": "eurosat", "config": {"seed": seed, "shots": 16, "subsample": "all",
-                                             "backbone": "ViT-B-16", "model": {"method": "dpt"}},
-            "test": {"accuracy": acc, "macro_f1": acc - 1}}))
+        _write_result(tmp_path / f"seed{seed}", seed, acc)
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| eurosat | dpt | 16 | all | ViT-B-16 | 2 | 85.00 ± 7.07 |" in out
+    assert "| eurosat | dpt | 16 | all | ViT-B-16 | - | 2 | 85.00 ± 7.07 |" in out
+
+
+def test_report_keeps_other_settings_apart_and_flags_repeated_seeds(tmp_path, capsys):
+    _write_result(tmp_path / "a" / "s1", 1, 80.0)
+    _write_result(tmp_path / "a" / "s2", 2, 90.0)
+    _write_result(tmp_path / "b" / "s1", 1, 50.0, lr=0.5)
+    _write_result(tmp_path / "copy" / "s1", 1, 50.0, lr=0.5)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| ViT-B-16 | lr=0.01 | 2 | 85.00 ± 7.07 |" in out
+    assert "| ViT-B-16 | lr=0.5 | 2 | 50.00 ± 0.00 |" in out
+    assert "seed(s) [1] appear more than once" in out
 
 
 @pytest.mark.slow

@@ -42,9 +42,12 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
 
 def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    # Only this process's device: touching the others would open a CUDA context on each of
+    # them in every DDP process.
+    if torch.cuda.is_available():
+        state = tensors.get(f"rng.cuda.{torch.cuda.current_device()}")
+        if state is not None:
+            torch.cuda.set_rng_state(state)
     kind, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss,  # noqa: NPY002
                          cached))

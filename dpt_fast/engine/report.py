@@ -7,12 +7,36 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+# Config fields that do not change what a run measures: runs differing only in these (and in
+# the seed) are repetitions of one experiment.
+_NOT_SETTINGS = frozenset({"seed", "output_dir", "resume", "num_workers", "device", "root",
+                           "eval_batch_size", "eval_every"})
+
 
 def _key(results: dict) -> tuple:
     cfg = results.get("config", {})
     model = cfg.get("model", {})
     return (results.get("dataset", "?"), model.get("method", "?"), cfg.get("shots", "?"),
             cfg.get("subsample", "all"), cfg.get("backbone", "?"))
+
+
+def _settings(results: dict) -> dict:
+    """The run's settings besides the seed, flattened (``model.n_text_ctx``, ...)."""
+    cfg = results.get("config", {})
+    flat = {k: v for k, v in cfg.items() if k not in _NOT_SETTINGS and k != "model"}
+    flat |= {f"model.{k}": v for k, v in cfg.get("model", {}).items()}
+    return flat
+
+
+def _variant_labels(signatures: list[str]) -> dict[str, str]:
+    """For runs that share the table's key columns: the settings that tell them apart."""
+    if len(signatures) < 2:
+        return {sig: "" for sig in signatures}
+    settings = [json.loads(sig) for sig in signatures]
+    differing = sorted({k for a in settings for b in settings for k in a | b
+                        if a.get(k) != b.get(k)})
+    return {sig: ", ".join(f"{k}={cfg.get(k)}" for k in differing)
+            for sig, cfg in zip(signatures, settings, strict=True)}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -23,14 +47,16 @@ def _mean_std(values: list[float]) -> str:
 
 
 def report_runs(root: Path, out: Path | None = None) -> str:
-    """A markdown table with one row per (dataset, method, shots, classes, backbone)."""
+    """A markdown table with one row per experiment: (dataset, method, shots, classes, backbone)
+    and, where runs with those differ in other settings (lr, epochs, ...), one row per setting,
+    labelled with the settings that differ. Repeated seeds are flagged under the table."""
     if not root.is_dir():
         raise SystemExit(f"dpt-fast report: not a folder: {root}")
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     seeds: dict[tuple, list] = defaultdict(list)
     for path in sorted(root.rglob("results.json")):
         results = json.loads(path.read_text())
-        key = _key(results)
+        key = (*_key(results), json.dumps(_settings(results), sort_keys=True))
         seeds[key].append(results.get("config", {}).get("seed"))
         groups[key]["accuracy"].append(results["test"]["accuracy"])
         groups[key]["macro_f1"].append(results["test"]["macro_f1"])
@@ -39,19 +65,28 @@ def report_runs(root: Path, out: Path | None = None) -> str:
             groups[key]["harmonic_mean"].append(results["harmonic_mean"])
     if not groups:
         raise SystemExit(f"dpt-fast report: no results.json under {root}")
-    lines = ["| dataset | method | shots | classes | backbone | seeds | accuracy | macro-F1 "
-             "| new acc. | H |", "|---|---|---|---|---|---|---|---|---|---|"]
-    summary = []
+    signatures: dict[tuple, list[str]] = defaultdict(list)
+    for key in groups:
+        signatures[key[:-1]].append(key[-1])
+    labels = {(*base, sig): label for base, sigs in signatures.items()
+              for sig, label in _variant_labels(sigs).items()}
+    lines = ["| dataset | method | shots | classes | backbone | settings | seeds | accuracy "
+             "| macro-F1 | new acc. | H |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes, summary = [], []
     for key in sorted(groups, key=str):
         g = groups[key]
-        row = dict(zip(("dataset", "method", "shots", "subsample", "backbone"), key,
+        row = dict(zip(("dataset", "method", "shots", "subsample", "backbone"), key[:-1],
                        strict=True))
-        row |= {"seeds": seeds[key], **{m: v for m, v in g.items()}}
+        row |= {"settings": labels[key], "seeds": seeds[key], **{m: v for m, v in g.items()}}
         summary.append(row)
-        lines.append(f"| {' | '.join(str(k) for k in key)} | {len(seeds[key])} | "
-                     f"{_mean_std(g['accuracy'])} | {_mean_std(g['macro_f1'])} | "
-                     f"{_mean_std(g.get('new_accuracy', []))} | "
+        lines.append(f"| {' | '.join(str(k) for k in key[:-1])} | {labels[key] or '-'} | "
+                     f"{len(seeds[key])} | {_mean_std(g['accuracy'])} | "
+                     f"{_mean_std(g['macro_f1'])} | {_mean_std(g.get('new_accuracy', []))} | "
                      f"{_mean_std(g.get('harmonic_mean', []))} |")
+        repeated = sorted({s for s in seeds[key] if seeds[key].count(s) > 1}, key=str)
+        if repeated:
+            notes.append(f"- {row['dataset']} {row['method']}: seed(s) {repeated} appear more "
+                         "than once (copied runs?); each copy is counted")
     if out is not None:
         out.write_text(json.dumps(summary, indent=2))
-    return "\n".join(lines)
+    return "\n".join(lines + (["", *notes] if notes else []))
