@@ -58,13 +58,27 @@ def checkpoint_filename(epoch: int | None) -> str:
     return "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
 
 
+class _InertTrainingState:
+    """Stands in for the optimizer and LR-scheduler objects a Dassl checkpoint pickles beside
+    the weights: it accepts whatever arguments and state the file gives and runs no code."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
 def _allow_training_state_classes():
-    """A context in which ``torch.load(weights_only=True)`` also accepts torch's optimizer and
-    LR-scheduler classes (plus ``dict`` and ``defaultdict``, which rebuild their state).
+    """A context in which ``torch.load(weights_only=True)`` reads torch's optimizer and
+    LR-scheduler objects as :class:`_InertTrainingState` (plus ``dict`` and ``defaultdict``,
+    which rebuild their state).
 
     Dassl saves the scheduler's ``state_dict()`` beside the weights, and its warm-up scheduler
     keeps the cosine scheduler it hands over to (with that scheduler's optimizer) as an object
-    in there. These classes only restore attributes when unpickled: no code of the file runs.
+    in there. We only read ``state_dict``; mapping those classes to an inert stand-in means the
+    file cannot make torch run their constructors. Needs torch >= 2.6 (named safe globals);
+    older torch refuses such files with the error below.
     """
     from torch.optim import lr_scheduler
 
@@ -73,10 +87,12 @@ def _allow_training_state_classes():
                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
     classes += [c for c in vars(lr_scheduler).values()
                 if isinstance(c, type) and issubclass(c, base)]
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:
         return contextlib.nullcontext()
-    return safe_globals([*classes, collections.defaultdict, dict])
+    names = sorted({f"{c.__module__}.{c.__qualname__}" for c in classes})
+    return safe_globals([*((_InertTrainingState, name) for name in names),
+                         collections.defaultdict, dict])
 
 
 def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dict:
@@ -91,7 +107,7 @@ def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dic
     try:
         with _allow_training_state_classes():
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, AttributeError) as err:
         raise ValueError(f"cannot read {path} as a tensor-only torch checkpoint: {err}") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{path} has no 'state_dict' dict: not a Dassl checkpoint")

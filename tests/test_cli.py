@@ -157,6 +157,16 @@ def test_resume_refuses_other_settings_and_keeps_the_history(clip_files, colour_
                             extra=["--resume", "--eval-every", "1"])) == 0
     history = json.loads((out / "results.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [1, 2]
+    # A crash that tore the log's last line (and lost epoch 2's record) before a resume: the
+    # log is repaired, epoch 2's record restored from the checkpoint.
+    log_path = out / "train_log.jsonl"
+    first = log_path.read_text().splitlines()[0]
+    log_path.write_text(first + "\n" + '{"epoch": 2, "loss": 1.')
+    assert main(_train_args(clip_files, colour_folder, out, epochs=2,
+                            extra=["--resume", "--eval-every", "1"])) == 0
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2] and "loss" in history[1]
+    assert oct((out / "results.json").stat().st_mode & 0o777) != oct(0o600)
     # A fresh run in the same folder starts a new log.
     assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 0
     log = (out / "train_log.jsonl").read_text().splitlines()
@@ -186,6 +196,7 @@ def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
     assert built[-1].cavpt_top_k == 2
     with pytest.raises(ValueError, match=r"drop the model settings \['cavpt_top_k'\]"):
         main([*base, "--cavpt-top-k", "3"])
+    assert main([*base, "--cavpt-top-k", "2", "--n-text-ctx", "4"]) == 0  # the same values
 
 
 def test_train_on_a_test_only_dataset_is_refused(clip_files, colour_folder, tmp_path,

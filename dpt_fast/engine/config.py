@@ -73,8 +73,9 @@ def _coerce(owner: str, name: str, hint, value):
             raise ValueError(f"{owner}.{name} must be one of {list(args)}, got {value!r}")
         return value
     if origin in (types.UnionType, typing.Union):  # e.g. int | None
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (isinstance(value, str)
+                                                      and value.strip().lower() == "none")):
+            return None  # as the CLI flag reads "none"
         inner = [a for a in args if a is not type(None)]
         return _coerce(owner, name, inner[0], value) if len(inner) == 1 else value
     if hint is bool:

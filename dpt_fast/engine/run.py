@@ -191,16 +191,18 @@ def _checkpoint_run_config(config: TrainConfig, saved: dict,
                            explicit: frozenset[str]) -> tuple[TrainConfig, bool]:
     """The config to evaluate a dpt_fast checkpoint with, and whether its template is fixed.
 
-    The model config is the checkpoint's: a model field set by the user (other than the
-    template) is refused rather than ignored. Backbone and weights default to the checkpoint's;
-    set explicitly to something else, they are used with a warning. The template: the user's
-    if given, else the training template on the same dataset, else the dataset's own.
+    The model config is the checkpoint's: a model field the user set to another value (other
+    than the template) is refused rather than ignored. Backbone and weights default to the
+    checkpoint's; set explicitly to something else, they are used with a warning. The template:
+    the user's if given, else the training template on the same dataset, else the dataset's.
     """
     model_fields = {f.name for f in dataclasses.fields(DPTConfig)}
-    refused = sorted((explicit & model_fields) - {"template"})
+    refused = sorted(name for name in (explicit & model_fields) - {"template"}
+                     if getattr(config.model, name) != saved["model"].get(name))
     if refused:
         raise ValueError(f"eval --checkpoint uses the checkpoint's model config; drop the "
-                         f"model settings {refused} (only the template may change)")
+                         f"model settings {refused}, which differ from it (only the template "
+                         "may change)")
     model_config = DPTConfig(**saved["model"])
     if "template" in explicit:
         model_config = dataclasses.replace(model_config, template=config.model.template)

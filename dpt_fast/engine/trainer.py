@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dpt_fast.base import DPTBase
+from dpt_fast.data.pickling import atomic_write_bytes
 from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
@@ -180,6 +181,7 @@ class Trainer:
             if info.enabled else model
         )
         self.start_epoch = 0
+        self._checkpoint_record: dict | None = None
 
     # ----------------------------------------------------------------------------- state
     def checkpoint_path(self) -> Path:
@@ -209,6 +211,8 @@ class Trainer:
         self.model.load_state_dict(ckpt.model_state(tensors))
         self.start_epoch = ckpt.restore_training_state(
             tensors, meta, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        # The last epoch's record, should the crash have come before it reached the log.
+        self._checkpoint_record = {"epoch": self.start_epoch, **meta.get("train_stats", {})}
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # ----------------------------------------------------------------------------- training
@@ -244,7 +248,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             batch = labels.shape[0]
-            total_loss += loss.item() * batch
+            # Summed over processes, this is the global batch's loss (DDP's mean of the
+            # processes' losses) times its size, however the batch was split.
+            total_loss += loss.item() * self.sampler.global_batch / self.info.world_size
             total_correct += (out.logits.argmax(-1) == labels).sum().item()
             total_seen += batch
             elapsed = time.perf_counter() - start
@@ -278,8 +284,11 @@ class Trainer:
         ``train_log.jsonl``; a resumed one appends to it, and the history returned is read back
         from it, so it covers the epochs before the resume too.
         """
-        if self.info.is_main and self.start_epoch == 0:
-            self.log_path().unlink(missing_ok=True)
+        if self.info.is_main:
+            if self.start_epoch == 0:
+                self.log_path().unlink(missing_ok=True)
+            else:
+                repair_log(self.log_path(), self.start_epoch, self._checkpoint_record)
         every = self.config.eval_every
         for epoch in range(self.start_epoch, self.config.epochs):
             stats = self.train_epoch(epoch)
@@ -326,17 +335,35 @@ def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: tor
     return classification_report(preds, truth, model.classnames)
 
 
-def read_history(path: Path, epochs: int) -> list[dict]:
-    """The per-epoch records of ``train_log.jsonl``, the last one of each epoch <= ``epochs``
-    (a run resumed after a crash may have logged an epoch twice)."""
+def _log_records(path: Path) -> list[dict]:
+    """The records of a train log, skipping a line a crash left half-written."""
     if not path.is_file():
         return []
-    by_epoch = {}
+    records = []
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             record = json.loads(line)
-            by_epoch[record["epoch"]] = record
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """The per-epoch records of ``train_log.jsonl`` for epochs 1..``epochs``, one each."""
+    by_epoch = {r["epoch"]: r for r in _log_records(path)}
     return [by_epoch[e] for e in sorted(by_epoch) if e <= epochs]
+
+
+def repair_log(path: Path, epochs_done: int, last_record: dict | None) -> None:
+    """Before a resumed run appends to it: the log's records up to ``epochs_done`` (a torn last
+    line dropped), plus ``last_record`` (from the checkpoint) if the crash lost that epoch's."""
+    by_epoch = {r["epoch"]: r for r in _log_records(path) if r["epoch"] <= epochs_done}
+    if last_record is not None and epochs_done not in by_epoch:
+        by_epoch[epochs_done] = last_record
+    text = "".join(json.dumps(by_epoch[e]) + "\n" for e in sorted(by_epoch))
+    atomic_write_bytes(path, text.encode())
 
 
 # Run settings that may change between a checkpoint and its resumption: where the data and the
@@ -346,15 +373,19 @@ RESUMABLE_CHANGES = frozenset({"root", "num_workers", "eval_batch_size", "eval_e
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """``"name: saved -> current"`` for each training setting that differs (model fields too)."""
+    """``"name: saved -> current"`` for each training setting that differs (model fields too).
+    A field an older checkpoint lacks counts as its default."""
+    defaults = config_to_dict(TrainConfig())
     changes = []
     for name in sorted(set(saved) | set(current)):
         if name in RESUMABLE_CHANGES:
             continue
-        old, new = saved.get(name), current.get(name)
+        old, new = saved.get(name, defaults.get(name)), current.get(name)
         if name == "model" and isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            model_defaults = defaults["model"]
+            changes += [f"model.{k}: {old.get(k, model_defaults.get(k))!r} -> {new.get(k)!r}"
+                        for k in sorted(set(old) | set(new))
+                        if old.get(k, model_defaults.get(k)) != new.get(k)]
         elif old != new:
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
