@@ -40,12 +40,10 @@ def clip_files(tmp_path_factory) -> tuple[str, str]:
     return str(config), str(weights)
 
 
-@pytest.fixture(scope="module")
-def colour_folder(tmp_path_factory) -> Path:
-    """An easy 3-class task: noisy squares of one colour per class, train/ and test/."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 4)):
+def _write_colour_task(root: Path, train: int, test: int, seed: int) -> Path:
+    """Noisy 32x32 squares of one colour per class: ``train`` and ``test`` images per class."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("test", test)):
         for name, rgb in COLOURS.items():
             folder = root / split / name
             folder.mkdir(parents=True)
@@ -53,22 +51,19 @@ def colour_folder(tmp_path_factory) -> Path:
                 pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """An easy 3-class task: noisy squares of one colour per class, train/ and test/."""
+    return _write_colour_task(tmp_path_factory.mktemp("colours"), train=8, test=4, seed=0)
 
 
 @pytest.fixture(scope="module")
 def odd_folder(tmp_path_factory) -> Path:
     """The colour task with 15 training images, an odd number: 6 per class in train/, of
     which the image-folder reader keeps one per class for validation."""
-    root = tmp_path_factory.mktemp("odd_colours")
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 6), ("test", 2)):
-        for name, rgb in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return _write_colour_task(tmp_path_factory.mktemp("odd_colours"), train=6, test=2, seed=1)
 
 
 def _train_args(clip_files, root, out, epochs=4, extra=()):
