@@ -25,24 +25,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from caa_inputs import DK, DV, KEYS, ROWS, caa_inputs
 
 from dpt_fast.ops import _extension, class_aware_attention, class_aware_attention_ref
 
-ROWS, KEYS, DK, DV = 10, 207, 32, 768
 
-
-def _inputs(batch: int, device: str, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Leaves q (B, K, dk), k (B, M, dk), v (B, M, dv) requiring grad, and grad_out (B, K, dv)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
-
-    leaves = [rand(batch, ROWS, DK), rand(batch, KEYS, DK), rand(batch, KEYS, DV)]
-    return [t.requires_grad_() for t in leaves], rand(batch, ROWS, DV)
-
-
-def _timed_call(fn: Callable, leaves: list[torch.Tensor], grad_out: torch.Tensor,
+def _timed_call(fn: Callable, leaves: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                 calls: int) -> float:
     """Seconds per forward + backward of fn, averaged over `calls` back-to-back calls."""
     sync = torch.cuda.synchronize if leaves[0].is_cuda else (lambda: None)
@@ -57,7 +45,7 @@ def _timed_call(fn: Callable, leaves: list[torch.Tensor], grad_out: torch.Tensor
 def measure(batch: int, rounds: int, device: str, dtype: torch.dtype,
             impls: dict[str, Callable]) -> dict:
     """Per-round times of every impl, interleaved, and the op / baseline ratios."""
-    leaves, grad_out = _inputs(batch, device, dtype)
+    leaves, grad_out = caa_inputs(batch, device, dtype)
     calls = max(1, 64 // batch)  # ~2 calls' worth of work per timing at B=32, 1 at B=256
     for fn in impls.values():  # warm-up: caches, allocator, inductor compile
         _timed_call(fn, leaves, grad_out, 2)

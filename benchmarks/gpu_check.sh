@@ -46,7 +46,8 @@ step cuda_tests 300 python3 -P -m pytest tests -m cuda -q -rs -p no:cacheprovide
 
 # The class-aware attention op vs the composition, interleaved round by round (the ratio);
 # before the suites, which may run into the call's time limit.
-step caa_ratio 90 python3 -P benchmarks/caa_ratio.py --rounds 41 --out "$OUT/caa_ratio.json"
+# (no -P: the script imports caa_inputs from its own folder, which holds no dpt_fast to shadow)
+step caa_ratio 90 python3 benchmarks/caa_ratio.py --rounds 41 --out "$OUT/caa_ratio.json"
 
 step benchmarks 300 python3 -P -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/benchmarks.json"

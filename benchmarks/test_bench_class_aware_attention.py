@@ -17,10 +17,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from bench_common import DEVICE, HAS_CUDA
+from caa_inputs import DK, DV, KEYS, ROWS, caa_inputs
 
 from dpt_fast.ops import class_aware_attention, class_aware_attention_ref
 
-ROWS, KEYS, DK, DV = 10, 207, 32, 768
 BATCHES = [32, 256]
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 IMPLS = ["op", "composition", "compiled"]
@@ -41,18 +41,6 @@ def _impl(name: str, backend: str = "inductor") -> Callable:
     return _compiled_composition
 
 
-def _inputs(batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """(q (B, K, dk), k (B, M, dk), v (B, M, dv)) requiring grad, and grad_out (B, K, dv)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def rand(*size: int, requires_grad: bool = True) -> torch.Tensor:
-        t = torch.randn(*size, generator=gen, device=DEVICE, dtype=DTYPE)
-        return t.requires_grad_(requires_grad)
-
-    leaves = (rand(batch, ROWS, DK), rand(batch, KEYS, DK), rand(batch, KEYS, DV))
-    return leaves, rand(batch, ROWS, DV, requires_grad=False)
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward_backward(benchmark, impl: str, batch: int) -> None:
@@ -60,7 +48,7 @@ def test_forward_backward(benchmark, impl: str, batch: int) -> None:
     # aot_eager: a cold inductor compile takes ~20 s there (inductor is benchmarked with timing on).
     smoke_cpu = benchmark.disabled and not HAS_CUDA
     fn = _impl(impl, backend="aot_eager" if smoke_cpu else "inductor")
-    leaves, grad_out = _inputs(batch)
+    leaves, grad_out = caa_inputs(batch, DEVICE, DTYPE)
 
     def step() -> None:
         out = fn(*leaves)
