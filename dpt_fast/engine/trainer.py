@@ -105,9 +105,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if n < world_size:
             raise ValueError(f"the training set holds {n} images, fewer than the {world_size} "
                              "processes: use fewer processes")
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.n, self.rank, self.world_size = n, rank, world_size
         self.seed, self.epoch = seed, 0
-        self.global_batch = batch_size if n >= batch_size else n
+        self.global_batch = min(batch_size, n)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -115,9 +115,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.n // self.global_batch
 
-    def _slice(self, size: int) -> tuple[int, int]:
-        """[start, end) of this process's part of a global batch of ``size`` samples."""
-        base, extra = divmod(size, self.world_size)
+    def _slice(self) -> tuple[int, int]:
+        """[start, end) of this process's part of a global batch."""
+        base, extra = divmod(self.global_batch, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return start, start + base + (self.rank < extra)
 
@@ -132,7 +132,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
-        start, end = self._slice(self.global_batch)
+        start, end = self._slice()
         for step in range(len(self)):
             batch = order[step * self.global_batch:(step + 1) * self.global_batch]
             yield batch[start:end]
