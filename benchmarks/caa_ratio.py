@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -28,6 +29,9 @@ import torch
 from caa_inputs import DK, DV, KEYS, ROWS, caa_inputs
 
 from dpt_fast.ops import _extension, class_aware_attention, class_aware_attention_ref
+
+TIMING_S = 0.05  # target length of one timing, seconds
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _timed_call(fn: Callable, leaves: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
@@ -46,14 +50,18 @@ def measure(batch: int, rounds: int, device: str, dtype: torch.dtype,
             impls: dict[str, Callable]) -> dict:
     """Per-round times of every impl, interleaved, and the op / baseline ratios."""
     leaves, grad_out = caa_inputs(batch, device, dtype)
-    calls = max(1, 64 // batch)  # ~2 calls' worth of work per timing at B=32, 1 at B=256
     for fn in impls.values():  # warm-up: caches, allocator, inductor compile
         _timed_call(fn, leaves, grad_out, 2)
+    # Each timing lasts about TIMING_S (one call where a call is longer): short timings are
+    # mostly noise (timer, allocator, a neighbour's burst), long ones blur the interleaving.
+    single = min(_timed_call(impls["op"], leaves, grad_out, 1) for _ in range(3))
+    calls = max(1, round(TIMING_S / single))
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
             times[name].append(_timed_call(fn, leaves, grad_out, calls))
-    result = {"B": batch, "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()}}
+    result = {"B": batch, "calls_per_timing": calls,
+              "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()}}
     for base in (name for name in impls if name != "op"):
         ratios = sorted(o / b for o, b in zip(times["op"], times[base], strict=True))
         quartiles = statistics.quantiles(ratios, n=4)
@@ -102,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "rounds": args.rounds, "op_kernels": f"dpt_fast._C ({device})",
         "date": time.strftime("%Y-%m-%d"), "cases": cases,
     }
+    if device == "cpu" and os.path.exists(THP_SETTING):
+        # The op's large CPU results go on huge pages where this allows (csrc/huge_pages.h).
+        with open(THP_SETTING) as f:
+            report["transparent_hugepage"] = f.read().strip()
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -15,6 +15,7 @@
 
 #include "class_aware_attention.h"
 #include "class_aware_attention_cpu.h"
+#include "huge_pages.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cstdint>
@@ -141,6 +143,18 @@ int64_t grain_rows(int64_t row_length) {
   return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_length));
 }
 
+// a (B, n, p) · b (B, p, m) -> (B, n, m) in `dtype`: a result the op returns, so a fresh tensor,
+// placed on huge pages when large (huge_pages.h). a and b are in the accumulation dtype.
+at::Tensor bmm_result(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
+  const std::array<int64_t, 3> sizes{a.size(0), a.size(1), b.size(2)};
+  if (a.scalar_type() == dtype) {
+    at::Tensor result = cpu::empty_on_huge_pages(sizes, a.options());
+    at::bmm_out(result, a, b);
+    return result;
+  }
+  return cpu::empty_on_huge_pages(sizes, a.options().dtype(dtype)).copy_(at::bmm(a, b));
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                const at::Tensor& v_in, double scale) {
   const AttentionSizes s = check_forward_inputs(q_in, k_in, v_in);
@@ -159,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
       cpu::softmax_rows(p_ptr, lse_ptr, begin, end, s.M, static_cast<scalar_t>(scale));
     });
   });
-  return {at::bmm(probs, v).to(q_in.scalar_type()), lse};
+  return {bmm_result(probs, v, q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -190,9 +204,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     });
   });
   const at::ScalarType dtype = q_in.scalar_type();
-  return {at::bmm(dscores, k).to(dtype),                 // dq = dS · k
-          at::bmm(dscores.transpose(1, 2), q).to(dtype),  // dk = dSᵀ · q
-          at::bmm(probs.transpose(1, 2), go).to(dtype)};  // dv = Pᵀ · grad_out
+  return {bmm_result(dscores, k, dtype),                 // dq = dS · k
+          bmm_result(dscores.transpose(1, 2), q, dtype),  // dk = dSᵀ · q
+          bmm_result(probs.transpose(1, 2), go, dtype)};  // dv = Pᵀ · grad_out
 }
 
 // Whether this build holds the CUDA kernels (setup.py defines DPT_FAST_WITH_CUDA for them).
@@ -249,6 +263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpt_fast C++/CUDA kernels; the ops live in torch.ops.dpt_fast.";
   m.def("has_cuda", &dpt_fast::has_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("_exp_f32", &dpt_fast::exp_f32, "The CPU kernels' float32 exp (for tests).");
+  m.def("_huge_page_advice_supported", &dpt_fast::cpu::huge_page_advice_supported,
+        "Whether large CPU results are advised onto huge pages on this platform (for tests).");
   m.def("_parallel_for_threads", &dpt_fast::parallel_for_threads,
         "Distinct threads at::parallel_for uses for this many tasks (for tests).");
 }

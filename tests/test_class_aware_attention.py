@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import shutil
 import sys
 
@@ -256,6 +257,45 @@ def test_cpu_kernels_run_on_intra_op_threads(extension: None, two_threads: None)
     assert _C._parallel_for_threads(64) == 2
     torch.set_num_threads(1)
     assert _C._parallel_for_threads(64) == 1
+
+
+def _mapping_flags(address: int) -> list[str]:
+    """VmFlags of the mapping of this process that holds `address` (Linux /proc/self/smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.path.isdir("/sys/kernel/mm/transparent_hugepage")),
+    reason="huge-page advice needs Linux with transparent huge pages",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_large_grad_v_is_advised_onto_huge_pages(extension: None, dtype: torch.dtype) -> None:
+    # Large results (4 MiB and up) are advised MADV_HUGEPAGE before the op writes them
+    # (csrc/huge_pages.h), so /proc shows the "hg" flag on the mapping that holds them.
+    from dpt_fast import _C
+
+    assert _C._huge_page_advice_supported()
+    shape = (2, 3, 1024, 8, 1152)  # grad_v: 2.4 M elements, 9.0 MiB (float32) / 4.5 MiB
+    q, k, v, grad_out = _random_inputs(shape, dtype)
+    got = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
+    want = _forward_backward(class_aware_attention_ref, q, k, v, grad_out, torch.float32)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), got, want, strict=True):
+        torch.testing.assert_close(a.float(), b, msg=name, **tolerance)
+    grad_v = got[3]
+    assert grad_v.nbytes >= 4 << 20
+    huge = 2 << 20
+    interior = (grad_v.data_ptr() + huge - 1) // huge * huge  # first 2 MiB boundary inside it
+    assert "hg" in _mapping_flags(interior)
 
 
 def test_cpu_exp_matches_float64(extension: None) -> None:
