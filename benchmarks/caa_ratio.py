@@ -2,7 +2,8 @@
 
 pytest-benchmark times one implementation after the other, so on a busy machine a load change
 between two cases lands in their ratio. This script interleaves the implementations round by
-round (op, composition, compiled, op, ...), computes the ratio op / baseline within each round,
+round (op, composition, compiled; then composition, compiled, op; ...: each round starts with the
+next one), computes the ratio op / baseline within each round,
 and reports the median ratio and its quartiles over all rounds: the issue's number, measured so
 that machine noise mostly cancels.
 
@@ -57,9 +58,13 @@ def measure(batch: int, rounds: int, device: str, dtype: torch.dtype,
     single = min(_timed_call(impls["op"], leaves, grad_out, 1) for _ in range(3))
     calls = max(1, round(TIMING_S / single))
     times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            times[name].append(_timed_call(fn, leaves, grad_out, calls))
+    names = list(impls)
+    for round_index in range(rounds):
+        # Each round starts with the next impl: what one impl leaves behind (heap layout, cache
+        # contents) falls on every impl in turn, not always on the same neighbour.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed_call(impls[name], leaves, grad_out, calls))
     result = {"B": batch, "calls_per_timing": calls,
               "median_ms": {n: statistics.median(t) * 1e3 for n, t in times.items()}}
     for base in (name for name in impls if name != "op"):

@@ -11,11 +11,12 @@
 // at::parallel_for over the B·K rows; the matrix products go to ATen's batched BLAS (MKL,
 // OpenBLAS, ...), which beat our hand-written loops for them on this project's CPUs, fused
 // per-batch score/dq/dk loops included. (BLAS calls inside at::parallel_for would oversubscribe
-// the cores, hence two levels.)
+// the cores, hence two levels.) Their large results and the widened copies live in memory from a
+// small block cache (result_cache.h), so a training loop does not fault in fresh pages each call.
 
 #include "class_aware_attention.h"
 #include "class_aware_attention_cpu.h"
-#include "huge_pages.h"
+#include "result_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -143,16 +144,29 @@ int64_t grain_rows(int64_t row_length) {
   return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, row_length));
 }
 
-// a (B, n, p) · b (B, p, m) -> (B, n, m) in `dtype`: a result the op returns, so a fresh tensor,
-// placed on huge pages when large (huge_pages.h). a and b are in the accumulation dtype.
-at::Tensor bmm_result(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
-  const std::array<int64_t, 3> sizes{a.size(0), a.size(1), b.size(2)};
-  if (a.scalar_type() == dtype) {
-    at::Tensor result = cpu::empty_on_huge_pages(sizes, a.options());
-    at::bmm_out(result, a, b);
+// t in the accumulation dtype `acc`: t itself when it has it, else a float32/float64 copy in
+// cached memory (result_cache.h), as the kernels widen low-precision inputs once.
+at::Tensor widened(const at::Tensor& t, at::ScalarType acc) {
+  if (t.scalar_type() == acc) {
+    return t;
+  }
+  return cpu::empty_cached(t.sizes(), acc).copy_(t);
+}
+
+// a (B, n, p) · b (B, p, m) -> (B, n, m) in a's dtype, in cached memory (result_cache.h).
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor result = cpu::empty_cached({a.size(0), a.size(1), b.size(2)}, a.scalar_type());
+  at::bmm_out(result, a, b);
+  return result;
+}
+
+// product(a, b) rounded to `dtype`: a result the op returns.
+at::Tensor product_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
+  at::Tensor result = product(a, b);
+  if (result.scalar_type() == dtype) {
     return result;
   }
-  return cpu::empty_on_huge_pages(sizes, a.options().dtype(dtype)).copy_(at::bmm(a, b));
+  return cpu::empty_cached(result.sizes(), dtype).copy_(result);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -161,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
   const NoAutocast no_autocast{};
   const at::ScalarType acc = lse_dtype_for(q_in.scalar_type());
   // Low-precision inputs are widened once, here.
-  const at::Tensor q = q_in.to(acc);
-  const at::Tensor k = k_in.to(acc);
-  const at::Tensor v = v_in.to(acc);
+  const at::Tensor q = widened(q_in, acc);
+  const at::Tensor k = widened(k_in, acc);
+  const at::Tensor v = widened(v_in, acc);
   at::Tensor lse = at::empty({s.B, s.K}, q.options());
-  at::Tensor probs = at::bmm(q, k.transpose(1, 2));  // (B, K, M): scores, then P
+  at::Tensor probs = product(q, k.transpose(1, 2));  // (B, K, M): scores, then P
   AT_DISPATCH_FLOATING_TYPES(acc, kForwardName, [&] {
     scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
     scalar_t* lse_ptr = lse.mutable_data_ptr<scalar_t>();
@@ -173,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
       cpu::softmax_rows(p_ptr, lse_ptr, begin, end, s.M, static_cast<scalar_t>(scale));
     });
   });
-  return {bmm_result(probs, v, q_in.scalar_type()), lse};
+  return {product_as(probs, v, q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -184,14 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::ScalarType acc = lse_in.scalar_type();
   // Our loops read grad_out and out row by row: .contiguous() also materialises an expanded
   // (stride-0) grad_out, e.g. the gradient of a sum().
-  const at::Tensor go = grad_out_in.to(acc).contiguous();
-  const at::Tensor out = out_in.to(acc).contiguous();
-  const at::Tensor q = q_in.to(acc);
-  const at::Tensor k = k_in.to(acc);
-  const at::Tensor v = v_in.to(acc);
+  const at::Tensor go = widened(grad_out_in, acc).contiguous();
+  const at::Tensor out = widened(out_in, acc).contiguous();
+  const at::Tensor q = widened(q_in, acc);
+  const at::Tensor k = widened(k_in, acc);
+  const at::Tensor v = widened(v_in, acc);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor probs = at::bmm(q, k.transpose(1, 2));      // (B, K, M): scores, then P
-  at::Tensor dscores = at::bmm(go, v.transpose(1, 2));  // (B, K, M): dP, then dS
+  at::Tensor probs = product(q, k.transpose(1, 2));      // (B, K, M): scores, then P
+  at::Tensor dscores = product(go, v.transpose(1, 2));  // (B, K, M): dP, then dS
   AT_DISPATCH_FLOATING_TYPES(acc, kBackwardName, [&] {
     scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
     scalar_t* ds_ptr = dscores.mutable_data_ptr<scalar_t>();
@@ -204,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     });
   });
   const at::ScalarType dtype = q_in.scalar_type();
-  return {bmm_result(dscores, k, dtype),                 // dq = dS · k
-          bmm_result(dscores.transpose(1, 2), q, dtype),  // dk = dSᵀ · q
-          bmm_result(probs.transpose(1, 2), go, dtype)};  // dv = Pᵀ · grad_out
+  return {product_as(dscores, k, dtype),                 // dq = dS · k
+          product_as(dscores.transpose(1, 2), q, dtype),  // dk = dSᵀ · q
+          product_as(probs.transpose(1, 2), go, dtype)};  // dv = Pᵀ · grad_out
 }
 
 // Whether this build holds the CUDA kernels (setup.py defines DPT_FAST_WITH_CUDA for them).
@@ -263,8 +277,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpt_fast C++/CUDA kernels; the ops live in torch.ops.dpt_fast.";
   m.def("has_cuda", &dpt_fast::has_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("_exp_f32", &dpt_fast::exp_f32, "The CPU kernels' float32 exp (for tests).");
-  m.def("_huge_page_advice_supported", &dpt_fast::cpu::huge_page_advice_supported,
-        "Whether large CPU results are advised onto huge pages on this platform (for tests).");
+  m.def("_cpu_cache_bytes", &dpt_fast::cpu::cached_bytes,
+        "Bytes the CPU result cache holds now.");
+  m.def("_cpu_cache_limit", &dpt_fast::cpu::cache_limit,
+        "Most bytes the CPU result cache keeps.");
+  m.def("_set_cpu_cache_limit", &dpt_fast::cpu::set_cache_limit, pybind11::arg("bytes"),
+        "Sets the CPU result cache's limit (0 turns it off), freeing blocks above it.");
+  m.def("_release_cpu_cache", &dpt_fast::cpu::release_cache,
+        "Frees every block the CPU result cache holds.");
   m.def("_parallel_for_threads", &dpt_fast::parallel_for_threads,
         "Distinct threads at::parallel_for uses for this many tasks (for tests).");
 }

@@ -12,9 +12,10 @@ C++ compiler is present: a silent fallback to PyTorch would hide a broken build.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
+import io
 import math
-import os
 import shutil
 import sys
 
@@ -259,43 +260,95 @@ def test_cpu_kernels_run_on_intra_op_threads(extension: None, two_threads: None)
     assert _C._parallel_for_threads(64) == 1
 
 
-def _mapping_flags(address: int) -> list[str]:
-    """VmFlags of the mapping of this process that holds `address` (Linux /proc/self/smaps)."""
-    with open("/proc/self/smaps") as smaps:
-        inside = False
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                start, end = (int(bound, 16) for bound in fields[0].split("-"))
-                inside = start <= address < end
-            elif inside and fields[0] == "VmFlags:":
-                return fields[1:]
-    raise AssertionError(f"no mapping holds address {address:#x}")
+# grad_v of this shape has 9 MiB in float32, 4.5 MiB in bfloat16: both go through the cache.
+CACHED_SHAPE = (2, 3, 1024, 8, 1152)
 
 
-@pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and os.path.isdir("/sys/kernel/mm/transparent_hugepage")),
-    reason="huge-page advice needs Linux with transparent huge pages",
-)
+@pytest.fixture
+def fresh_cache(extension: None):
+    """An empty CPU block cache with its default limit, restored (and emptied) afterwards."""
+    from dpt_fast import ops
+
+    limit = ops.cpu_cache_limit()
+    ops.release_cpu_cache()
+    yield ops
+    ops.set_cpu_cache_limit(limit)
+    ops.release_cpu_cache()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cpu_large_grad_v_is_advised_onto_huge_pages(extension: None, dtype: torch.dtype) -> None:
-    # Large results (4 MiB and up) are advised MADV_HUGEPAGE before the op writes them
-    # (csrc/huge_pages.h), so /proc shows the "hg" flag on the mapping that holds them.
-    from dpt_fast import _C
-
-    assert _C._huge_page_advice_supported()
-    shape = (2, 3, 1024, 8, 1152)  # grad_v: 2.4 M elements, 9.0 MiB (float32) / 4.5 MiB
-    q, k, v, grad_out = _random_inputs(shape, dtype)
-    got = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
+def test_cpu_large_results_reuse_cached_memory(fresh_cache, dtype: torch.dtype) -> None:
+    # The large results' memory returns to the cache when they are freed, and the next call of
+    # the same size gets it back instead of faulting in fresh pages (csrc/result_cache.h).
+    ops = fresh_cache
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, dtype)
     want = _forward_backward(class_aware_attention_ref, q, k, v, grad_out, torch.float32)
     tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), got, want, strict=True):
+    first = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
+    grad_v_address = first[3].data_ptr()
+    assert first[3].nbytes >= 4 << 20
+    del first
+    held = ops.cpu_cache_bytes()
+    assert held >= 4 << 20  # grad_v's block (and, for bfloat16, the float32 copies of k and v)
+    second = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
+    assert second[3].data_ptr() == grad_v_address
+    assert ops.cpu_cache_bytes() < held  # grad_v's block is in use again
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), second, want, strict=True):
         torch.testing.assert_close(a.float(), b, msg=name, **tolerance)
-    grad_v = got[3]
-    assert grad_v.nbytes >= 4 << 20
-    huge = 2 << 20
-    interior = (grad_v.data_ptr() + huge - 1) // huge * huge  # first 2 MiB boundary inside it
-    assert "hg" in _mapping_flags(interior)
+
+
+def test_cpu_cache_limit_and_release(fresh_cache) -> None:
+    ops = fresh_cache
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
+    _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+    assert ops.cpu_cache_bytes() >= 9 << 20  # grad_v's block at least
+    ops.release_cpu_cache()
+    assert ops.cpu_cache_bytes() == 0
+    ops.set_cpu_cache_limit(0)  # caching off: freed blocks go straight back to the system
+    assert ops.cpu_cache_limit() == 0
+    _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+    assert ops.cpu_cache_bytes() == 0
+    ops.set_cpu_cache_limit(64 << 20)
+    _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+    assert 0 < ops.cpu_cache_bytes() <= 64 << 20
+    ops.set_cpu_cache_limit(1 << 20)  # lowering the limit frees what is above it
+    assert ops.cpu_cache_bytes() == 0
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        ops.set_cpu_cache_limit(-1)
+
+
+def test_cpu_cached_results_are_ordinary_tensors(fresh_cache) -> None:
+    # Storages from the cache resize, clone and pickle like any CPU tensor's.
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
+    grad_v = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)[3]
+    expected = grad_v.clone()
+    grad_v.resize_(grad_v.numel() * 2)
+    torch.testing.assert_close(grad_v[: expected.numel()], expected.flatten(), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(expected, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer), expected, rtol=0, atol=0)
+
+
+def test_cpu_cache_under_concurrent_calls(fresh_cache) -> None:
+    # Four threads run forward + backward at once (the op releases the GIL in C++), taking and
+    # returning blocks concurrently; a small limit makes them also free blocks that do not fit.
+    ops = fresh_cache
+    ops.set_cpu_cache_limit(24 << 20)
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
+    want = _forward_backward(class_aware_attention_ref, q, k, v, grad_out, torch.float32)
+
+    def run(_: int) -> list[torch.Tensor]:
+        results = None
+        for _ in range(4):
+            results = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for got in pool.map(run, range(4)):
+            for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), got, want, strict=True):
+                torch.testing.assert_close(a, b, msg=name)
+    assert ops.cpu_cache_bytes() <= 24 << 20
 
 
 def test_cpu_exp_matches_float64(extension: None) -> None:

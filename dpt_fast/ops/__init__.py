@@ -4,7 +4,14 @@ Each op falls back to an equivalent PyTorch composition when the extension is mi
 kernel for the tensors' device, so models run (more slowly) everywhere.
 """
 
-from dpt_fast.ops.class_aware_attention import class_aware_attention, class_aware_attention_ref
+from dpt_fast.ops.class_aware_attention import (
+    class_aware_attention,
+    class_aware_attention_ref,
+    cpu_cache_bytes,
+    cpu_cache_limit,
+    release_cpu_cache,
+    set_cpu_cache_limit,
+)
 from dpt_fast.ops.prompt_attention import (
     prompt_attention,
     prompt_attention_ref,
@@ -14,7 +21,11 @@ from dpt_fast.ops.prompt_attention import (
 __all__ = [
     "class_aware_attention",
     "class_aware_attention_ref",
+    "cpu_cache_bytes",
+    "cpu_cache_limit",
     "prompt_attention",
     "prompt_attention_ref",
     "prompt_attention_torch",
+    "release_cpu_cache",
+    "set_cpu_cache_limit",
 ]

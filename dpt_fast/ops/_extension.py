@@ -50,6 +50,13 @@ def cuda_kernels_available() -> bool:
     return _HAS_CUDA_KERNELS
 
 
+def extension_module() -> ModuleType:
+    """The loaded ``dpt_fast._C`` module; raises RuntimeError (with the load error) without it."""
+    if _MODULE is None:
+        raise RuntimeError(f"dpt_fast._C is not loaded ({_LOAD_ERROR}); to fix it, {_FIX}")
+    return _MODULE
+
+
 def load_error() -> str | None:
     """Why ``dpt_fast._C`` failed to load (exception type and message), or None if it loaded."""
     return _LOAD_ERROR

@@ -62,6 +62,42 @@ def class_aware_attention_ref(
 
 
 
+# --- the CPU kernels' memory cache (csrc/result_cache.h) -------------------------------------
+# The CPU kernels take the memory of their large results (4 MiB and up: dv, dk, out, float32
+# copies of low-precision inputs) from a small process-wide block cache, to which it returns when
+# those tensors are freed; reusing it spares the page faults and zero-filling of fresh memory
+# (at B=256 most of the backward pass's time on CPU). The cache keeps at most a limit's worth of
+# unused blocks (1 GiB by default); these functions read, set and empty it.
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes of unused memory the CPU kernels' block cache holds now (0 without the extension)."""
+    if not _extension.extension_available():
+        return 0
+    return int(_extension.extension_module()._cpu_cache_bytes())
+
+
+def cpu_cache_limit() -> int:
+    """Most bytes of unused memory the CPU kernels' block cache keeps."""
+    if not _extension.extension_available():
+        return 0
+    return int(_extension.extension_module()._cpu_cache_limit())
+
+
+def set_cpu_cache_limit(max_bytes: int) -> None:
+    """Sets the block cache's limit in bytes (0 turns caching off) and frees blocks above it."""
+    if max_bytes < 0:
+        raise ValueError(f"set_cpu_cache_limit: max_bytes must be >= 0, got {max_bytes}")
+    if _extension.extension_available():
+        _extension.extension_module()._set_cpu_cache_limit(int(max_bytes))
+
+
+def release_cpu_cache() -> None:
+    """Frees every block the cache holds (as ``torch.cuda.empty_cache`` does on the GPU)."""
+    if _extension.extension_available():
+        _extension.extension_module()._release_cpu_cache()
+
+
 def _has_fused_kernel(q: Tensor) -> bool:
     """Whether torch.ops.dpt_fast has a kernel for q's device in this build."""
     if not _extension.extension_available():
