@@ -42,6 +42,9 @@ METHODS: dict[str, MethodSpec] = {
 
 # Fields that only shape the objective: a checkpoint stays valid when they change.
 LOSS_ONLY_FIELDS = frozenset({"alpha", "guidance_epochs"})
+# Fields that only set the initial values of tensors a loaded state_dict overwrites: a checkpoint
+# trained with another value loads all the same.
+INIT_ONLY_FIELDS = frozenset({"init_std"})
 
 
 @dataclass

@@ -82,8 +82,13 @@ def test_loading_other_config_names_the_field(tiny_clip_model, classnames):
     other = _model(tiny_clip_model, classnames, 0, n_text_ctx=8)
     with pytest.raises(RuntimeError, match=r"DPTConfig\.n_text_ctx is 8 in the state_dict, 16"):
         a.load_state_dict(other.state_dict())
-    # the loss-only fields do not matter
+    # the loss-only fields and the init-only std do not matter
     a.load_state_dict(_model(tiny_clip_model, classnames, 2, alpha=1.0).state_dict())
+    trained = _model(tiny_clip_model, classnames, 3, init_std=0.5)
+    a.load_state_dict(trained.state_dict())
+    loaded, source = a.state_dict(), trained.state_dict()
+    assert all(torch.equal(loaded[key], source[key]) for key in source
+               if not key.startswith("dpt_meta."))
 
 
 def test_loading_a_foreign_state_dict_is_refused(tiny_clip_model, classnames):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dpt_fast.base import META_CLASSNAMES, META_CONFIG, DPTBase, decode_json_tensor
-from dpt_fast.config import DPTConfig
+from dpt_fast.config import INIT_ONLY_FIELDS, DPTConfig
 from dpt_fast.data import (
     DatasetSplits,
     ImageDataset,
@@ -90,8 +90,9 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     source_config = decode_json_tensor(state[META_CONFIG])
     ours = model.config.model_fields()
     # The template only builds the frozen hand-crafted features: each dataset keeps its own.
-    diff = sorted(k for k in set(source_config) | set(ours)
-                  if k != "template" and source_config.get(k) != ours.get(k))
+    ignored = INIT_ONLY_FIELDS | {"template"}
+    diff = sorted(k for k in (set(source_config) | set(ours)) - ignored
+                  if source_config.get(k) != ours.get(k))
     if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
     same_classes = source_classes == model.classnames
