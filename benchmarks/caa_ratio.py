@@ -5,7 +5,10 @@ between two cases lands in their ratio. This script interleaves the implementati
 round (op, composition, compiled; then composition, compiled, op; ...: each round starts with the
 next one), computes the ratio op / baseline within each round,
 and reports the median ratio and its quartiles over all rounds: the issue's number, measured so
-that machine noise mostly cancels.
+that machine noise mostly cancels. Each timed call's gradients are dropped before the next call,
+as in a training loop: on CPU the op then reuses their memory through its block cache
+(csrc/result_cache.h), while the composition gets fresh memory from the default allocator, so
+the CPU ratio measures that allocation policy as well as the kernels.
 
     python benchmarks/caa_ratio.py                          # B = 32 and 256, JSON to stdout
     python benchmarks/caa_ratio.py --threads 1 2 --out benchmarks/results/cpu_caa_ratio.json
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="intra-op thread counts to measure (CPU)")
-    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per case")
+    parser.add_argument("--rounds", type=int, default=42,
+                        help="interleaved rounds per case (rounded up to a multiple of the number "
+                        "of implementations, so that each starts the same number of rounds)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip torch.compile of the composition (inductor needs a compiler)")
     parser.add_argument("--out", help="also write the JSON here")
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "composition": class_aware_attention_ref}
     if not args.no_compile:
         impls["compiled"] = torch.compile(class_aware_attention_ref, dynamic=False)
+    rounds = -(-args.rounds // len(impls)) * len(impls)
     cases = []
     for threads in args.threads if device == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         for batch in args.batches:
-            case = measure(batch, args.rounds, device, dtype, impls) | {"threads": threads}
+            case = measure(batch, rounds, device, dtype, impls) | {"threads": threads}
             cases.append(case)
             summary = ", ".join(f"{k} {v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]"
                                 for k, v in case.items() if k.startswith("op/"))
@@ -112,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"K": ROWS, "M": KEYS, "dk": DK, "dv": DV}, "dtype": str(dtype),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
         or platform.machine(),
-        "torch": torch.__version__, "rounds": args.rounds, "op_kernels": f"dpt_fast._C ({device})",
+        "torch": torch.__version__, "rounds": rounds, "op_kernels": f"dpt_fast._C ({device})",
         "date": time.strftime("%Y-%m-%d"), "cases": cases,
     }
     if device == "cpu" and os.path.exists(THP_SETTING):
-        # The op's large CPU results go on huge pages where this allows (csrc/huge_pages.h).
+        # Page faults on fresh memory are a large part of every implementation's CPU time (the
+        # op's block cache avoids most of them); huge pages change their cost for all of them.
         with open(THP_SETTING) as f:
             report["transparent_hugepage"] = f.read().strip()
     text = json.dumps(report, indent=2)

@@ -9,10 +9,16 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define DPT_FAST_HAS_ATFORK 1
+#endif
 
 namespace dpt_fast::cpu {
 namespace {
@@ -31,16 +37,37 @@ struct Block {
 // comes from (and returns to) the cache.
 class ResultCache final : public c10::Allocator {
  public:
+  explicit ResultCache(int64_t limit) : limit_(limit) {}
+
+  // The cache every tensor's deleter returns its block to. Never destroyed: a tensor may be freed
+  // after static destructors ran (at interpreter exit), and its deleter still needs the cache; the
+  // blocks then go back with the process.
+  static ResultCache& instance() {
+    static const bool created = [] {  // once, thread-safe (a function-local static)
+      current_ = new ResultCache(kDefaultLimit);
+      register_fork_handler();
+      return true;
+    }();
+    (void)created;
+    return *current_;
+  }
+
   c10::DataPtr allocate(size_t nbytes) override {
     if (static_cast<int64_t>(nbytes) < kCachedMinBytes) {
-      return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+      return c10::GetCPUAllocator()->allocate(nbytes);
     }
     Block* block = take(nbytes);
     if (block == nullptr) {
-      const size_t capacity = (nbytes + kGranule - 1) / kGranule * kGranule;
-      block = new Block{c10::alloc_cpu(capacity), capacity};
+      block = new_block(nbytes);
     }
+    report(block, static_cast<int64_t>(block->capacity));
     return {block->ptr, block, &ResultCache::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // The data pointer is the whole block, so copy-on-write (torch._lazy_clone) may wrap it.
+  bool is_simple_data_ptr(const c10::DataPtr& data_ptr) const override {
+    return data_ptr.get_deleter() == &ResultCache::give_back ||
+           data_ptr.get() == data_ptr.get_context();
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -63,35 +90,35 @@ class ResultCache final : public c10::Allocator {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       limit_ = bytes;
-      evicted = evict_down_to(limit_);
+      evict_until_room_for(0, evicted);
     }
-    for (Block* block : evicted) {
-      destroy(block);
-    }
+    destroy(evicted);
   }
 
   void release() {
     std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      evicted = evict_down_to(0);
+      evicted.assign(blocks_.begin(), blocks_.end());
+      blocks_.clear();
+      bytes_ = 0;
     }
-    for (Block* block : evicted) {
-      destroy(block);
-    }
+    destroy(evicted);
   }
 
  private:
-  // Takes blocks out, oldest first, until the cache holds at most `target` bytes; the caller
-  // holds the lock and frees them after releasing it.
-  std::vector<Block*> evict_down_to(int64_t target) {
-    std::vector<Block*> evicted;
-    while (bytes_ > target) {
-      evicted.push_back(blocks_.front());
-      bytes_ -= static_cast<int64_t>(blocks_.front()->capacity);
-      blocks_.erase(blocks_.begin());
+  // A new block of at least nbytes. When the system has no memory left, the cached blocks are
+  // freed and the allocation retried once, as CUDA's caching allocator does.
+  Block* new_block(size_t nbytes) {
+    const size_t capacity = (nbytes + kGranule - 1) / kGranule * kGranule;
+    void* ptr = nullptr;
+    try {
+      ptr = c10::alloc_cpu(capacity);
+    } catch (const c10::Error&) {
+      release();
+      ptr = c10::alloc_cpu(capacity);
     }
-    return evicted;
+    return new Block{ptr, capacity};
   }
 
   // The smallest cached block that holds nbytes without wasting more than half of itself.
@@ -114,20 +141,52 @@ class ResultCache final : public c10::Allocator {
     return block;
   }
 
-  // The DataPtr deleter: keeps the block if it fits under the limit, else frees it.
+  // Moves the oldest blocks into `evicted` until a block of `capacity` bytes fits under the limit
+  // and the block count (the caller holds the lock and frees them after releasing it). Evicting
+  // the oldest rather than refusing the newest keeps the cache on the sizes in use now: blocks of
+  // an earlier phase (another batch size) would otherwise hold the space for good.
+  void evict_until_room_for(int64_t capacity, std::vector<Block*>& evicted) {
+    while (!blocks_.empty() && (bytes_ + capacity > limit_ ||
+                                (capacity > 0 && blocks_.size() >= kMaxBlocks))) {
+      evicted.push_back(blocks_.front());
+      bytes_ -= static_cast<int64_t>(blocks_.front()->capacity);
+      blocks_.erase(blocks_.begin());
+    }
+  }
+
+  // The DataPtr deleter: caches the block (making room for it) when it fits under the limit at
+  // all, else frees it.
   static void give_back(void* context) {
     auto* block = static_cast<Block*>(context);
     ResultCache& self = instance();
+    self.report(block, -static_cast<int64_t>(block->capacity));
+    std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(self.mutex_);
       const auto capacity = static_cast<int64_t>(block->capacity);
-      if (self.bytes_ + capacity <= self.limit_ && self.blocks_.size() < kMaxBlocks) {
+      if (capacity <= self.limit_) {
+        self.evict_until_room_for(capacity, evicted);
         self.blocks_.push_back(block);
         self.bytes_ += capacity;
-        return;
+        block = nullptr;
       }
     }
-    destroy(block);
+    destroy(evicted);
+    if (block != nullptr) {
+      destroy(block);
+    }
+  }
+
+  // Tells torch.profiler(profile_memory=True) about a block handed out (+) or given back (−), as
+  // c10's own CPU allocator does for its allocations.
+  void report(Block* block, int64_t delta) {
+    // (In a fork()ed child, blocks from the parent's cache come back to a fresh one: clamp.)
+    const int64_t in_use = std::max<int64_t>(0, in_use_.fetch_add(delta) + delta);
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(block->ptr, delta, static_cast<size_t>(in_use),
+                                       static_cast<size_t>(in_use + bytes()),
+                                       c10::Device(c10::DeviceType::CPU));
+    }
   }
 
   static void destroy(Block* block) {
@@ -135,19 +194,29 @@ class ResultCache final : public c10::Allocator {
     delete block;
   }
 
- public:
-  // Never destroyed: a tensor may be freed after static destructors ran (at interpreter exit),
-  // and its deleter still needs the cache. The blocks then go back with the process.
-  static ResultCache& instance() {
-    static auto* cache = new ResultCache();
-    return *cache;
+  static void destroy(const std::vector<Block*>& blocks) {
+    for (Block* block : blocks) {
+      destroy(block);
+    }
   }
 
- private:
+  // A fork()ed child (e.g. a DataLoader worker) gets a fresh cache: another thread may have held
+  // the parent's lock at the fork, and it would never be released in the child. The parent's
+  // cache object and its blocks are left to the child's copy of memory.
+  static void register_fork_handler() {
+#ifdef DPT_FAST_HAS_ATFORK
+    // The child runs one thread: reading the old cache's limit without its lock is safe there.
+    pthread_atfork(nullptr, nullptr, [] { current_ = new ResultCache(current_->limit_); });
+#endif
+  }
+
+  static inline ResultCache* current_ = nullptr;  // set by instance(), replaced in fork children
+
   std::mutex mutex_;
   std::vector<Block*> blocks_;  // cached blocks, oldest first
-  int64_t bytes_ = 0;
-  int64_t limit_ = kDefaultLimit;
+  int64_t bytes_ = 0;           // total capacity of blocks_
+  int64_t limit_;
+  std::atomic<int64_t> in_use_{0};  // capacity of the blocks tensors hold
 };
 
 }  // namespace

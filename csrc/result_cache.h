@@ -11,8 +11,12 @@
 // to a second on this project's virtual machines.
 //
 // Blocks of at least kCachedMinBytes go through the cache; it keeps at most cache_limit() bytes
-// (1 GiB by default) in at most 16 blocks and frees what does not fit, so memory beyond a few
-// results' worth always goes back to the system. release_cache() frees every cached block.
+// (1 GiB by default) in at most 16 blocks, evicting the oldest to make room for a block coming
+// back, so memory beyond a few results' worth always goes back to the system and blocks of sizes
+// no longer used leave. release_cache() frees every cached block. When the system runs out of
+// memory, the cached blocks are freed and the allocation retried. Allocations show in
+// torch.profiler's memory profile like those of c10's CPU allocator; a fork()ed child starts with
+// an empty cache.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -7,10 +7,10 @@ kernel for the tensors' device, so models run (more slowly) everywhere.
 from dpt_fast.ops.class_aware_attention import (
     class_aware_attention,
     class_aware_attention_ref,
-    cpu_cache_bytes,
-    cpu_cache_limit,
-    release_cpu_cache,
-    set_cpu_cache_limit,
+    cpu_block_cache_bytes,
+    cpu_block_cache_limit,
+    empty_cpu_block_cache,
+    set_cpu_block_cache_limit,
 )
 from dpt_fast.ops.prompt_attention import (
     prompt_attention,
@@ -21,11 +21,11 @@ from dpt_fast.ops.prompt_attention import (
 __all__ = [
     "class_aware_attention",
     "class_aware_attention_ref",
-    "cpu_cache_bytes",
-    "cpu_cache_limit",
+    "cpu_block_cache_bytes",
+    "cpu_block_cache_limit",
+    "empty_cpu_block_cache",
     "prompt_attention",
     "prompt_attention_ref",
     "prompt_attention_torch",
-    "release_cpu_cache",
-    "set_cpu_cache_limit",
+    "set_cpu_block_cache_limit",
 ]

@@ -62,38 +62,42 @@ def class_aware_attention_ref(
 
 
 
-# --- the CPU kernels' memory cache (csrc/result_cache.h) -------------------------------------
-# The CPU kernels take the memory of their large results (4 MiB and up: dv, dk, out, float32
-# copies of low-precision inputs) from a small process-wide block cache, to which it returns when
-# those tensors are freed; reusing it spares the page faults and zero-filling of fresh memory
-# (at B=256 most of the backward pass's time on CPU). The cache keeps at most a limit's worth of
-# unused blocks (1 GiB by default); these functions read, set and empty it.
+# --- the CPU kernels' block cache (csrc/result_cache.h) --------------------------------------
+# The CPU kernels take every buffer of 4 MiB and up (results such as dv, dk, dq and out; the
+# float32 copies of low-precision inputs; the score and product temporaries) from a small
+# process-wide block cache, to which the memory returns when those tensors are freed. Reusing it
+# spares the page faults and zero-filling of fresh memory (at B=256 most of the time of the Pᵀ·dO
+# product). The cache keeps at most a limit's worth of unused blocks (1 GiB by default). Without
+# the extension nothing is cached: the functions below then report 0 and change nothing.
 
 
-def cpu_cache_bytes() -> int:
-    """Bytes of unused memory the CPU kernels' block cache holds now (0 without the extension)."""
+def cpu_block_cache_bytes() -> int:
+    """Bytes of unused memory the CPU kernels' block cache holds now."""
     if not _extension.extension_available():
         return 0
     return int(_extension.extension_module()._cpu_cache_bytes())
 
 
-def cpu_cache_limit() -> int:
-    """Most bytes of unused memory the CPU kernels' block cache keeps."""
+def cpu_block_cache_limit() -> int:
+    """Most bytes of unused memory the block cache keeps (1 GiB unless set)."""
     if not _extension.extension_available():
         return 0
     return int(_extension.extension_module()._cpu_cache_limit())
 
 
-def set_cpu_cache_limit(max_bytes: int) -> None:
+def set_cpu_block_cache_limit(max_bytes: int) -> None:
     """Sets the block cache's limit in bytes (0 turns caching off) and frees blocks above it."""
     if max_bytes < 0:
-        raise ValueError(f"set_cpu_cache_limit: max_bytes must be >= 0, got {max_bytes}")
+        raise ValueError(f"set_cpu_block_cache_limit: max_bytes must be >= 0, got {max_bytes}")
     if _extension.extension_available():
         _extension.extension_module()._set_cpu_cache_limit(int(max_bytes))
 
 
-def release_cpu_cache() -> None:
-    """Frees every block the cache holds (as ``torch.cuda.empty_cache`` does on the GPU)."""
+def empty_cpu_block_cache() -> None:
+    """Frees every unused block the cache holds, as ``torch.cuda.empty_cache`` does on a GPU.
+
+    Blocks that tensors still hold return to the cache when those tensors are freed.
+    """
     if _extension.extension_available():
         _extension.extension_module()._release_cpu_cache()
 
