@@ -21,7 +21,6 @@ for q, k and v.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 from caa_inputs import DK, DV, KEYS, ROWS, caa_inputs
+from json_report import emit
 
 from dpt_fast.ops import _extension, class_aware_attention, class_aware_attention_ref
 
@@ -126,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         # op's block cache avoids most of them); huge pages change their cost for all of them.
         with open(THP_SETTING) as f:
             report["transparent_hugepage"] = f.read().strip()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 

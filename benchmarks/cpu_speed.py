@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from json_report import emit
+
 DEFAULT_CASES = [
     "train:fast:100", "train:reference:100",
     "train:fast:397", "train:reference:397",
@@ -121,11 +123,7 @@ def main() -> int:
         "model": "ViT-B/16-shaped open_clip CLIP, random weights, fp32",
         "results": results, "fast_vs_reference": ratios,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
     return 0
 
 
