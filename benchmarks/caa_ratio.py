@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 from caa_inputs import DK, DV, KEYS, ROWS, caa_inputs
-from json_report import emit
+from json_report import emit, write_json
 
 from dpt_fast.ops import _extension, class_aware_attention, class_aware_attention_ref
 
@@ -104,15 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compile:
         impls["compiled"] = torch.compile(class_aware_attention_ref, dynamic=False)
     rounds = -(-args.rounds // len(impls)) * len(impls)
-    cases = []
-    for threads in args.threads if device == "cpu" else [torch.get_num_threads()]:
-        torch.set_num_threads(threads)
-        for batch in args.batches:
-            case = measure(batch, rounds, device, dtype, impls) | {"threads": threads}
-            cases.append(case)
-            summary = ", ".join(f"{k} {v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]"
-                                for k, v in case.items() if k.startswith("op/"))
-            print(f"threads={threads} B={batch}: {summary}", file=sys.stderr)
+    cases: list[dict] = []
     report = {
         "what": "class_aware_attention fwd+bwd, interleaved rounds; ratio < 1: op faster",
         "shape": {"K": ROWS, "M": KEYS, "dk": DK, "dv": DV}, "dtype": str(dtype),
@@ -126,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         # op's block cache avoids most of them); huge pages change their cost for all of them.
         with open(THP_SETTING) as f:
             report["transparent_hugepage"] = f.read().strip()
+    for threads in args.threads if device == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            case = measure(batch, rounds, device, dtype, impls) | {"threads": threads}
+            cases.append(case)
+            summary = ", ".join(f"{k} {v['median']:.3f} [{v['q1']:.3f}, {v['q3']:.3f}]"
+                                for k, v in case.items() if k.startswith("op/"))
+            print(f"threads={threads} B={batch}: {summary}", file=sys.stderr)
+            if args.out:  # the cases so far, in case a time limit stops the run
+                write_json(report, args.out)
     emit(report, args.out)
     return 0
 

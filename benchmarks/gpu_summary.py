@@ -1,6 +1,9 @@
-"""Summarise a gpu_check.sh run: steps, CUDA test results and benchmark means.
+"""Summarise a gpu_check.sh run: steps, CUDA test results, the op ratio and benchmark means.
 
-Usage: python benchmarks/gpu_summary.py OUT_DIR  -> OUT_DIR/summary.json, markdown on stdout.
+Usage: python benchmarks/gpu_summary.py OUT_DIR [LOG_DIR]
+  -> OUT_DIR/summary.json, markdown on stdout. LOG_DIR (default OUT_DIR) holds steps.tsv and
+  env.log; OUT_DIR holds cuda_tests.xml, caa_ratio.json and bench_*.json. Any of them may be
+  missing or cut short (gpu_check.sh rewrites the summary after every step).
 """
 
 from __future__ import annotations
@@ -11,22 +14,28 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def read_steps(out: Path) -> list[dict]:
-    path = out / "steps.tsv"
+def read_steps(logs: Path) -> list[dict]:
+    """steps.tsv rows: name, exit status (an int, or "skipped"/"missing"), seconds."""
+    path = logs / "steps.tsv"
     if not path.exists():
         return []
     steps = []
     for line in path.read_text().splitlines():
         name, rc, seconds = line.split("\t")
-        steps.append({"step": name, "exit": int(rc), "seconds": int(seconds)})
+        steps.append({"step": name, "exit": int(rc) if rc.lstrip("-").isdigit() else rc,
+                      "seconds": int(seconds)})
     return steps
 
 
 def read_tests(out: Path) -> dict:
+    """Counts and failed test names from the junit XML; {} without it (or when it is torn)."""
     path = out / "cuda_tests.xml"
     if not path.exists():
         return {}
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"unreadable": str(exc)}
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = [
         f"{case.get('classname')}::{case.get('name')}"
@@ -38,27 +47,38 @@ def read_tests(out: Path) -> dict:
     }
 
 
-def read_benchmarks(out: Path) -> dict:
-    path = out / "benchmarks.json"
+def read_json(path: Path) -> dict | None:
     if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    rows = [
-        {"name": b["fullname"], "mean_ms": b["stats"]["mean"] * 1e3,
-         "stddev_ms": b["stats"]["stddev"] * 1e3, "rounds": b["stats"]["rounds"],
-         "extra_info": b.get("extra_info", {})}
-        for b in data.get("benchmarks", [])
-    ]
-    return {"machine_info": data.get("machine_info", {}), "rows": rows}
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        return {"unreadable": str(exc)}
+
+
+def read_benchmarks(out: Path) -> dict[str, list[dict]]:
+    """Rows (name, mean, stddev, rounds, extra_info) of every bench_*.json, by file stem."""
+    suites = {}
+    for path in sorted(out.glob("bench_*.json")):
+        data = read_json(path) or {}
+        suites[path.stem] = [
+            {"name": b["fullname"], "mean_ms": b["stats"]["mean"] * 1e3,
+             "stddev_ms": b["stats"]["stddev"] * 1e3, "rounds": b["stats"]["rounds"],
+             "extra_info": b.get("extra_info", {})}
+            for b in data.get("benchmarks", [])
+        ]
+    return suites
 
 
 def main() -> int:
     out = Path(sys.argv[1])
-    env_log = out / "env.log"
+    logs = Path(sys.argv[2]) if len(sys.argv) > 2 else out
+    env_log = logs / "env.log"
     summary = {
         "environment": env_log.read_text() if env_log.exists() else "",
-        "steps": read_steps(out),
+        "steps": read_steps(logs),
         "cuda_tests": read_tests(out),
+        "caa_ratio": read_json(out / "caa_ratio.json"),
         "benchmarks": read_benchmarks(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -66,16 +86,19 @@ def main() -> int:
     for s in summary["steps"]:
         print(f"| {s['step']} | {s['exit']} | {s['seconds']} |")
     tests = summary["cuda_tests"]
-    if tests:
+    if "tests" in tests:
         print(f"\nCUDA tests: {tests['tests']} run, {tests['failures']} failed, "
               f"{tests['errors']} errors, {tests['skipped']} skipped")
         for name in tests["failed"]:
             print(f"- FAILED {name}")
-    rows = summary["benchmarks"].get("rows", [])
-    if rows:
-        print("\n| benchmark | mean (ms) | ± (ms) |\n|---|---|---|")
-        for r in rows:
-            print(f"| {r['name']} | {r['mean_ms']:.3f} | {r['stddev_ms']:.3f} |")
+    for case in (summary["caa_ratio"] or {}).get("cases", []):
+        ratios = ", ".join(f"{k} {v['median']:.3f}" for k, v in case.items() if k.startswith("op/"))
+        print(f"\nclass_aware_attention B={case['B']}: {ratios}")
+    for suite, rows in summary["benchmarks"].items():
+        if rows:
+            print(f"\n| {suite} | mean (ms) | ± (ms) |\n|---|---|---|")
+            for r in rows:
+                print(f"| {r['name']} | {r['mean_ms']:.3f} | {r['stddev_ms']:.3f} |")
     return 0
 
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def emit(report: dict, out: str | None) -> None:
     """Prints ``report`` as indented JSON; when ``out`` is a path, writes the same text there."""
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        write_json(report, out)
+
+
+def write_json(report: dict, out: str) -> None:
+    """Writes ``report`` as indented JSON to ``out``: to a temporary file, then renamed, so a
+    reader (or a kill) never sees half a file."""
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)

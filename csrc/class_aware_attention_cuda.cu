@@ -691,6 +691,15 @@ void forward_cuda_typed(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
+// The most dynamic shared memory a block may opt into on the current device.
+int optin_shared_bytes() {
+  int device = 0;
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
 // Whether caa_backward_fused_kernel takes these inputs, and its shared-memory bytes.
 bool fused_backward_fits(const at::Tensor& v, const at::Tensor& grad_out, const at::Tensor& grad_v,
                          const AttentionSizes& s, size_t* smem_bytes) {
@@ -702,12 +711,7 @@ bool fused_backward_fits(const at::Tensor& v, const at::Tensor& grad_out, const 
   const FusedBackwardSmem layout(row_tile_for(s.K), static_cast<int>(s.dk),
                                  static_cast<int>(s.dv));
   *smem_bytes = static_cast<size_t>(layout.total) * sizeof(float);
-  int device = 0;
-  int optin_bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return *smem_bytes <= static_cast<size_t>(optin_bytes);
+  return *smem_bytes <= static_cast<size_t>(optin_shared_bytes());
 }
 
 template <typename scalar_t>
@@ -722,8 +726,10 @@ void backward_fused(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     constexpr int KT = decltype(kt)::value;
     const auto kernel = caa_backward_fused_kernel<scalar_t, KT>;
     if (smem_bytes > kDefaultSharedBytes) {
+      // The device's opt-in maximum, not this call's size: host threads launching with other
+      // sizes then all set the same value, and none lowers it under another's launch.
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem_bytes)));
+                                          optin_shared_bytes()));
     }
     const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(n_key_tiles));
     kernel<<<grid, kBwdThreads, smem_bytes, stream>>>(

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
@@ -176,8 +177,20 @@ def test_explicit_and_default_scale(extension: None) -> None:
     )
 
 
-def test_non_contiguous_inputs(extension: None) -> None:
-    q, k, v, _ = _random_inputs((2, 4, 7, 6, 10), torch.float32)
+# The edge-case tests below run on the CPU kernels and, on a GPU machine, on the CUDA kernels.
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _require_kernels(device: str) -> None:
+    """Fails when a GPU machine runs a build without the CUDA kernels (see `cuda_kernels`)."""
+    if device == "cuda" and not _extension.cuda_kernels_available():
+        pytest.fail("dpt_fast._C was built without CUDA kernels on a machine with a GPU")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(extension: None, device: str) -> None:
+    _require_kernels(device)
+    q, k, v, _ = _random_inputs((2, 4, 7, 6, 10), torch.float32, device)
     k_t = k.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major
     v_slice = torch.stack([v, -v], dim=-1)[..., 0]  # strided view with the values of v
     torch.testing.assert_close(v_slice, v)
@@ -186,9 +199,33 @@ def test_non_contiguous_inputs(extension: None) -> None:
     )
 
 
-def test_expanded_grad_out(extension: None) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_misaligned_inputs(extension: None, device: str, dtype: torch.dtype) -> None:
+    # Contiguous views that start one element into their storage: the CUDA kernels' vector loads
+    # need 16-byte alignment and must take their general path for these.
+    shape = (2, 10, 33, 32, 64)
+    q, k, v, grad_out = _random_inputs(shape, dtype, device)
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    aligned = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
+    moved = _forward_backward(class_aware_attention, shifted(q), shifted(k), shifted(v),
+                              shifted(grad_out), dtype)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), moved, aligned, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_grad_out(extension: None, device: str) -> None:
     """out.sum().backward() feeds the backward op a stride-0 grad_out."""
-    q, k, v, _ = _random_inputs((2, 3, 5, 4, 6), torch.float64)
+    _require_kernels(device)
+    q, k, v, _ = _random_inputs((2, 3, 5, 4, 6), torch.float64, device)
     got = [t.clone().requires_grad_() for t in (q, k, v)]
     class_aware_attention(*got).sum().backward()
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -197,9 +234,11 @@ def test_expanded_grad_out(extension: None) -> None:
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_empty_batch_and_rows(extension: None) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_and_rows(extension: None, device: str) -> None:
+    _require_kernels(device)
     for shape in [(0, 3, 5, 4, 6), (2, 0, 5, 4, 6)]:
-        q, k, v, _ = _random_inputs(shape, torch.float32)
+        q, k, v, _ = _random_inputs(shape, torch.float32, device)
         leaves = [t.requires_grad_() for t in (q, k, v)]
         out = class_aware_attention(*leaves)
         assert out.shape == (shape[0], shape[1], shape[4])
@@ -588,24 +627,49 @@ def cuda_kernels(extension: None) -> None:
         pytest.fail("dpt_fast._C was built without CUDA kernels on a machine with a GPU")
 
 
-def _poison_cuda_cache() -> None:
-    """Fills freed caching-allocator blocks with NaN, so unwritten output elements show up."""
-    poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
-    del poison
+@pytest.fixture
+def nan_filled_memory():
+    """Every new tensor starts as NaN, so an output element a kernel never writes shows up.
+
+    PyTorch's deterministic mode fills uninitialised memory (``at::empty``, including the
+    kernels' own outputs and temporaries) with NaN; warn_only keeps ops without a deterministic
+    implementation (cuBLAS without CUBLAS_WORKSPACE_CONFIG) running. Restored afterwards.
+    """
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 # The CUDA grid adds shapes for the kernels' edges: dv % 4 != 0 (general path), K = 16 (largest
 # fused tile), M not a multiple of the 32-key backward tile, dv = 1024 (over 48 KiB of shared
-# memory in the fused backward).
-CUDA_SHAPES = [*SHAPES, (2, 16, 70, 32, 1024), (2, 10, 207, 32, 1024), (1, 12, 129, 40, 96)]
-CUDA_SHAPE_IDS = [*SHAPE_IDS, "K16-dv1024", "dpt-dv1024", "K12-M129"]
+# memory in the fused backward), the fused backward's 8-row tile with dk and M tails, and the
+# narrowest fused dv.
+CUDA_SHAPES = [
+    *SHAPES,
+    (2, 16, 70, 32, 1024),
+    (2, 10, 207, 32, 1024),
+    (1, 12, 129, 40, 96),
+    (2, 7, 45, 7, 12),
+    (2, 3, 33, 5, 4),
+]
+CUDA_SHAPE_IDS = [*SHAPE_IDS, "K16-dv1024", "dpt-dv1024", "K12-M129", "K7-dk7", "dk5-dv4"]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=CUDA_SHAPE_IDS)
-def test_cuda_matches_float64_oracle(cuda_kernels: None, shape, dtype: torch.dtype) -> None:
-    _poison_cuda_cache()
+def test_cuda_matches_float64_oracle(
+    cuda_kernels: None, nan_filled_memory: None, shape, dtype: torch.dtype
+) -> None:
     _assert_close_to_oracle(class_aware_attention, shape, dtype, device="cuda")
 
 
@@ -618,11 +682,9 @@ def test_cuda_float64_and_gradcheck(cuda_kernels: None) -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_lse_and_no_nan_in_poisoned_outputs(cuda_kernels: None) -> None:
+def test_cuda_lse_and_no_nan_in_poisoned_outputs(cuda_kernels: None, nan_filled_memory: None):
     q, k, v, grad_out = _random_inputs((4, 10, 207, 32, 768), torch.bfloat16, "cuda")
-    _poison_cuda_cache()
     out, lse = torch.ops.dpt_fast.class_aware_attention(q, k, v, 0.25)
-    _poison_cuda_cache()
     grads = torch.ops.dpt_fast.class_aware_attention_backward(grad_out, q, k, v, out, lse, 0.25)
     for tensor in (out, lse, *grads):
         assert not tensor.isnan().any()

@@ -38,6 +38,11 @@ def class_aware_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None =
     under autocast for the inputs' device, the autocast dtype (as ``torch.bmm`` does; float64
     inputs are left alone, as autocast leaves them); otherwise ``torch.promote_types`` of the
     three (e.g. bfloat16 with float32 gives float32). The result has that dtype.
+
+    On CUDA, float32 inputs that the fused kernels do not take (K > 16, dv not a multiple of 4,
+    or storage not 16-byte aligned) run their matrix products through cuBLAS, which follows
+    PyTorch's float32 matmul precision: under ``torch.backends.cuda.matmul.allow_tf32 = True``
+    (or ``torch.set_float32_matmul_precision("high")``) those use TF32, as the composition does.
     """
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     q, k, v = to_common_dtype(q, k, v)
