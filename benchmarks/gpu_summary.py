@@ -56,11 +56,15 @@ def read_json(path: Path) -> dict | None:
         return {"unreadable": str(exc)}
 
 
-def read_benchmarks(out: Path) -> dict[str, list[dict]]:
-    """Rows (name, mean, stddev, rounds, extra_info) of every bench_*.json, by file stem."""
-    suites = {}
+def read_benchmarks(out: Path) -> dict[str, list[dict] | dict]:
+    """Rows (name, mean, stddev, rounds, extra_info) of every bench_*.json, by file stem; a file
+    that does not parse (cut by a kill) gives {"unreadable": reason}."""
+    suites: dict[str, list[dict] | dict] = {}
     for path in sorted(out.glob("bench_*.json")):
         data = read_json(path) or {}
+        if "unreadable" in data:
+            suites[path.stem] = data
+            continue
         suites[path.stem] = [
             {"name": b["fullname"], "mean_ms": b["stats"]["mean"] * 1e3,
              "stddev_ms": b["stats"]["stddev"] * 1e3, "rounds": b["stats"]["rounds"],
@@ -95,7 +99,9 @@ def main() -> int:
         ratios = ", ".join(f"{k} {v['median']:.3f}" for k, v in case.items() if k.startswith("op/"))
         print(f"\nclass_aware_attention B={case['B']}: {ratios}")
     for suite, rows in summary["benchmarks"].items():
-        if rows:
+        if isinstance(rows, dict):
+            print(f"\n{suite}: unreadable ({rows['unreadable']})")
+        elif rows:
             print(f"\n| {suite} | mean (ms) | ± (ms) |\n|---|---|---|")
             for r in rows:
                 print(f"| {r['name']} | {r['mean_ms']:.3f} | {r['stddev_ms']:.3f} |")

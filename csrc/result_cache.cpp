@@ -2,6 +2,7 @@
 
 #include "result_cache.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -53,6 +55,9 @@ class ResultCache final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t nbytes) override {
+    if (this != current_) {  // a tensor from before a fork() (resize_, copy-on-write copies)
+      return current_->allocate(nbytes);
+    }
     if (static_cast<int64_t>(nbytes) < kCachedMinBytes) {
       return c10::GetCPUAllocator()->allocate(nbytes);
     }
@@ -84,12 +89,12 @@ class ResultCache final : public c10::Allocator {
     return limit_;
   }
 
-  void set_limit(int64_t bytes) {
-    TORCH_CHECK(bytes >= 0, "the result cache limit must be >= 0 bytes, got ", bytes);
+  void set_limit(int64_t limit) {
+    TORCH_CHECK(limit >= 0, "the result cache limit must be >= 0 bytes, got ", limit);
     std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      limit_ = bytes;
+      limit_ = limit;
       evict_until_room_for(0, evicted);
     }
     destroy(evicted);
@@ -222,9 +227,17 @@ class ResultCache final : public c10::Allocator {
 }  // namespace
 
 at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::detail::empty_generic(sizes, &ResultCache::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   std::nullopt);
+  at::Tensor t = at::detail::empty_generic(sizes, &ResultCache::instance(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                           std::nullopt);
+  // As at::empty does under torch.use_deterministic_algorithms: a reused block holds stale,
+  // plausible values, and NaN makes an element a kernel never writes show up in tests.
+  const at::Context& context = at::globalContext();
+  if (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory() &&
+      at::isFloatingType(dtype)) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
 }
 
 int64_t cached_bytes() { return ResultCache::instance().bytes(); }

@@ -18,8 +18,11 @@ import io
 import math
 import os
 import shutil
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 import torch
@@ -155,7 +158,9 @@ def test_ops_are_registered(extension: None) -> None:
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cpu_matches_float64_oracle(extension: None, shape, dtype: torch.dtype) -> None:
+def test_cpu_matches_float64_oracle(
+    extension: None, nan_filled_memory: None, shape, dtype: torch.dtype
+) -> None:
     _assert_close_to_oracle(class_aware_attention, shape, dtype)
 
 
@@ -204,6 +209,7 @@ def test_non_contiguous_inputs(extension: None, device: str) -> None:
 def test_misaligned_inputs(extension: None, device: str, dtype: torch.dtype) -> None:
     # Contiguous views that start one element into their storage: the CUDA kernels' vector loads
     # need 16-byte alignment and must take their general path for these.
+    _require_kernels(device)
     shape = (2, 10, 33, 32, 64)
     q, k, v, grad_out = _random_inputs(shape, dtype, device)
 
@@ -307,7 +313,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def block_cache(extension: None):
+def block_cache(extension: None) -> Iterator[ModuleType]:
     """dpt_fast.ops with an empty block cache at its default limit; restored and emptied after."""
     from dpt_fast import ops
 
@@ -318,7 +324,9 @@ def block_cache(extension: None):
     ops.empty_cpu_block_cache()
 
 
-def _cached_case(dtype: torch.dtype = torch.float32, shape=CACHED_SHAPE) -> list[torch.Tensor]:
+def _cached_case(
+    dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = CACHED_SHAPE
+) -> list[torch.Tensor]:
     """q, k, v, grad_out of `shape` (fixed draws) in dtype."""
     return list(_random_inputs(shape, dtype))
 
@@ -421,6 +429,7 @@ def test_cpu_cache_in_a_forked_child(block_cache) -> None:
     if pid == 0:  # the child: report through the exit status only
         status = 1
         try:
+            signal.alarm(60)  # a deadlock kills the child (and fails the test), not CI
             torch.set_num_threads(1)
             fresh = ops.cpu_block_cache_bytes() == 0 and ops.cpu_block_cache_limit() == 32 * MiB
             _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
@@ -628,7 +637,7 @@ def cuda_kernels(extension: None) -> None:
 
 
 @pytest.fixture
-def nan_filled_memory():
+def nan_filled_memory() -> Iterator[None]:
     """Every new tensor starts as NaN, so an output element a kernel never writes shows up.
 
     PyTorch's deterministic mode fills uninitialised memory (``at::empty``, including the
@@ -682,7 +691,9 @@ def test_cuda_float64_and_gradcheck(cuda_kernels: None) -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_lse_and_no_nan_in_poisoned_outputs(cuda_kernels: None, nan_filled_memory: None):
+def test_cuda_lse_and_no_nan_in_poisoned_outputs(
+    cuda_kernels: None, nan_filled_memory: None
+) -> None:
     q, k, v, grad_out = _random_inputs((4, 10, 207, 32, 768), torch.bfloat16, "cuda")
     out, lse = torch.ops.dpt_fast.class_aware_attention(q, k, v, 0.25)
     grads = torch.ops.dpt_fast.class_aware_attention_backward(grad_out, q, k, v, out, lse, 0.25)

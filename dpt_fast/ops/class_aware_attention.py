@@ -68,7 +68,7 @@ def class_aware_attention_ref(
 
 
 # --- the CPU kernels' block cache (csrc/result_cache.h) --------------------------------------
-# The CPU kernels take every buffer of 4 MiB and up (results such as dv, dk, dq and out; the
+# The CPU kernels take their own buffers of 4 MiB and up (results such as dv, dk, dq and out; the
 # float32 copies of low-precision inputs; the score and product temporaries) from a small
 # process-wide block cache, to which the memory returns when those tensors are freed. Reusing it
 # spares the page faults and zero-filling of fresh memory (at B=256 most of the time of the Pᵀ·dO
