@@ -24,7 +24,7 @@ from dpt_fast.clip_interop import (
     vision_embed,
     vision_head,
 )
-from dpt_fast.config import INIT_ONLY_FIELDS, DPTConfig
+from dpt_fast.config import DPTConfig
 from dpt_fast.loss import dpt_loss
 from dpt_fast.output import DPTOutput
 from dpt_fast.prompts import (
@@ -305,10 +305,9 @@ def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
             problems.append(f"its class {i} is {classnames[i]!r}, this model's is "
                             f"{module.classnames[i]!r}")
     ours = module.config.model_fields()
-    for field in sorted((set(ours) | set(config)) - INIT_ONLY_FIELDS):
-        if config.get(field) != ours.get(field):
-            problems.append(f"DPTConfig.{field} is {config.get(field)!r} in the state_dict, "
-                            f"{ours.get(field)!r} in this model")
+    for field in module.config.differing_model_fields(config):
+        problems.append(f"DPTConfig.{field} is {config.get(field)!r} in the state_dict, "
+                        f"{ours.get(field)!r} in this model")
     return problems
 
 

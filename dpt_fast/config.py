@@ -133,3 +133,11 @@ class DPTConfig:
     def model_fields(self) -> dict:
         """The fields that define the learned tensors (all but the loss-only ones)."""
         return {k: v for k, v in self.to_dict().items() if k not in LOSS_ONLY_FIELDS}
+
+    def differing_model_fields(self, saved: dict,
+                               ignore: frozenset[str] = frozenset()) -> list[str]:
+        """The model fields (sorted) whose value in ``saved``, a checkpoint's ``model_fields()``,
+        differs from this config's; the init-only fields and those in ``ignore`` never count."""
+        ours = self.model_fields()
+        return sorted(field for field in (set(ours) | set(saved)) - INIT_ONLY_FIELDS - ignore
+                      if saved.get(field) != ours.get(field))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dpt_fast.base import META_CLASSNAMES, META_CONFIG, DPTBase, decode_json_tensor
-from dpt_fast.config import INIT_ONLY_FIELDS, DPTConfig
+from dpt_fast.config import DPTConfig
 from dpt_fast.data import (
     DatasetSplits,
     ImageDataset,
@@ -88,15 +88,12 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     """
     source_classes = decode_json_tensor(state[META_CLASSNAMES])
     source_config = decode_json_tensor(state[META_CONFIG])
-    ours = model.config.model_fields()
     # The template only builds the frozen hand-crafted features: each dataset keeps its own.
-    ignored = INIT_ONLY_FIELDS | {"template"}
-    diff = sorted(k for k in (set(source_config) | set(ours)) - ignored
-                  if source_config.get(k) != ours.get(k))
+    diff = model.config.differing_model_fields(source_config, ignore=frozenset({"template"}))
     if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
     same_classes = source_classes == model.classnames
-    if same_classes and source_config.get("template") == ours["template"]:
+    if same_classes and source_config.get("template") == model.config.template:
         model.load_state_dict(state)
         return
     if model.config.class_specific_ctx and not same_classes:
