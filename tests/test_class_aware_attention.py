@@ -324,19 +324,12 @@ def block_cache(extension: None) -> Iterator[ModuleType]:
     ops.empty_cpu_block_cache()
 
 
-def _cached_case(
-    dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = CACHED_SHAPE
-) -> list[torch.Tensor]:
-    """q, k, v, grad_out of `shape` (fixed draws) in dtype."""
-    return list(_random_inputs(shape, dtype))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_cpu_large_results_reuse_cached_memory(block_cache, dtype: torch.dtype) -> None:
     # grad_v's memory returns to the cache when it is freed, and the next call of that size gets
     # it back instead of faulting in fresh pages.
     ops = block_cache
-    q, k, v, grad_out = _cached_case(dtype)
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, dtype)
     want = _forward_backward(class_aware_attention_ref, q, k, v, grad_out, torch.float32)
     tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     first = _forward_backward(class_aware_attention, q, k, v, grad_out, dtype)
@@ -353,7 +346,7 @@ def test_cpu_large_results_reuse_cached_memory(block_cache, dtype: torch.dtype) 
 
 
 def test_cpu_cache_never_hands_out_memory_in_use(block_cache) -> None:
-    q, k, v, grad_out = _cached_case()
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
     first = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
     kept = [t.clone() for t in first]
     second = _forward_backward(class_aware_attention, q, k, v, 2 * grad_out, torch.float32)
@@ -365,7 +358,7 @@ def test_cpu_cache_never_hands_out_memory_in_use(block_cache) -> None:
 
 def test_cpu_cache_limit_and_emptying(block_cache) -> None:
     ops = block_cache
-    q, k, v, grad_out = _cached_case()
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
     _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
     assert ops.cpu_block_cache_bytes() == 10 * MiB  # grad_v's 9 MiB, in 2 MiB granules
     ops.empty_cpu_block_cache()
@@ -391,16 +384,17 @@ def test_cpu_cache_evicts_the_oldest_block_for_a_new_size(block_cache) -> None:
     # longer in use (an earlier batch size) do not hold the cache for good.
     ops = block_cache
     ops.set_cpu_block_cache_limit(20 * MiB)
-    _forward_backward(class_aware_attention, *_cached_case(), torch.float32)
+    first = _random_inputs(CACHED_SHAPE, torch.float32)
+    _forward_backward(class_aware_attention, *first, torch.float32)
     assert ops.cpu_block_cache_bytes() == 10 * MiB
-    wider = _cached_case(shape=(2, 3, 2048, 8, 1152))  # grad_v: 18 MiB
+    wider = _random_inputs((2, 3, 2048, 8, 1152), torch.float32)  # grad_v: 18 MiB
     _forward_backward(class_aware_attention, *wider, torch.float32)
     assert ops.cpu_block_cache_bytes() == 18 * MiB
 
 
 def test_cpu_cached_results_are_ordinary_tensors(block_cache) -> None:
     # Storages from the cache resize, save, load and clone lazily like any CPU tensor's.
-    q, k, v, grad_out = _cached_case()
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
     grad_v = _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)[3]
     expected = grad_v.clone()
     buffer = io.BytesIO()
@@ -422,7 +416,7 @@ def test_cpu_cache_in_a_forked_child(block_cache) -> None:
     # parent's lock may have been held by another thread at the fork.
     ops = block_cache
     ops.set_cpu_block_cache_limit(32 * MiB)
-    q, k, v, grad_out = _cached_case()
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
     _forward_backward(class_aware_attention, q, k, v, grad_out, torch.float32)
     assert ops.cpu_block_cache_bytes() > 0
     pid = os.fork()
@@ -445,7 +439,7 @@ def test_cpu_cache_under_concurrent_calls(block_cache) -> None:
     # returning blocks concurrently; a small limit makes them also evict and free blocks.
     ops = block_cache
     ops.set_cpu_block_cache_limit(24 * MiB)
-    q, k, v, grad_out = _cached_case()
+    q, k, v, grad_out = _random_inputs(CACHED_SHAPE, torch.float32)
     want = _forward_backward(class_aware_attention_ref, q, k, v, grad_out, torch.float32)
 
     def run(_: int) -> list[torch.Tensor]:
