@@ -47,7 +47,6 @@ from dpt_fast.data import (
     subsample_classes,
     write_datum_splits,
 )
-from dpt_fast.data.loading import make_loader, seed_worker
 from dpt_fast.data.records import DASSL_DATUM_MODULE, DASSL_DATUM_NAME
 
 TEMPLATES = {  # the authors' CUSTOM_TEMPLATES (trainers/DPT.py), by registry name
@@ -596,55 +595,3 @@ def test_image_dataset_reads_rgb_and_names_bad_files(tmp_path):
     for index, name in ((1, "corrupt.jpg"), (2, "gone.jpg")):
         with pytest.raises(ImageReadError, match=name):
             dataset[index]
-
-
-class _RandomDataset(torch.utils.data.Dataset):
-    """Returns draws of the worker's ``random`` module, to see how workers are seeded."""
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return torch.tensor([index, random.random()])
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_iterates_reproducibly(tmp_path, num_workers):
-    expected = make_split_dataset(tmp_path, "dtd")
-    data = build_dataset("dtd", tmp_path)
-    dataset = ImageDataset(data.train, build_transforms(True, image_size=16))
-
-    def epoch_labels(seed):
-        loader = make_loader(dataset, batch_size=4, train=True, num_workers=num_workers,
-                             seed=seed)
-        assert loader.persistent_workers == (num_workers > 0) and not loader.drop_last
-        batches = list(loader)
-        assert all(images.shape[1:] == (3, 16, 16) for images, _ in batches)
-        return torch.cat([labels for _, labels in batches]).tolist()
-
-    first = epoch_labels(seed=5)
-    assert sorted(first) == sorted(y for _, y, _ in expected.splits["train"])
-    assert epoch_labels(seed=5) == first  # same seed, same order
-    test_loader = make_loader(dataset, batch_size=3, train=False, num_workers=num_workers)
-    assert torch.cat([y for _, y in test_loader]).tolist() == [x.label for x in data.train]
-
-
-def test_loader_workers_seed_random_reproducibly():
-    def draws(seed):
-        loader = make_loader(_RandomDataset(), batch_size=2, train=False, num_workers=2,
-                             seed=seed)
-        return torch.cat(list(loader))[:, 1].tolist()
-
-    first = draws(7)
-    assert draws(7) == first
-    assert len(set(first)) == len(first)  # the two workers do not repeat each other
-    assert draws(8) != first
-
-
-def test_seed_worker_seeds_random_from_torch(global_random_state):
-    torch.manual_seed(123)
-    seed_worker(0)
-    a = random.random()
-    torch.manual_seed(123)
-    seed_worker(1)
-    assert random.random() == a

@@ -1,14 +1,14 @@
 """Datasets, few-shot splits and loaders for DPT, reading CoOp's on-disk layouts.
 
->>> from dpt_fast.data import build_dataset, build_transforms, ImageDataset, make_loader
+>>> from dpt_fast.data import build_dataset, build_transforms, ImageDataset
 >>> data = build_dataset("oxford_pets", "/data", shots=16, seed=1)      # doctest: +SKIP
->>> loader = make_loader(ImageDataset(data.train, build_transforms(train=True)),
-...                      batch_size=32, train=True, num_workers=4, seed=1)  # doctest: +SKIP
+>>> train_set = ImageDataset(data.train, build_transforms(train=True))  # doctest: +SKIP
 
 Modules: :mod:`.records` (the Datum record), :mod:`.pickling` (Dassl-compatible, restricted
 pickle files), :mod:`.fewshot` (Dassl's few-shot draws, CoOp's cache and base/new split),
 :mod:`.readers` (CoOp's layouts), :mod:`.datasets` (registry and builders), :mod:`.loading`
-(transforms, Dataset, DataLoader).
+(transforms and the image Dataset; the training engine seeds and
+batches it, see :mod:`dpt_fast.engine.seeding`).
 """
 
 from dpt_fast.data.datasets import (
@@ -34,7 +34,6 @@ from dpt_fast.data.loading import (
     ImageDataset,
     ImageReadError,
     build_transforms,
-    make_loader,
 )
 from dpt_fast.data.pickling import (
     RestrictedUnpickler,
@@ -65,7 +64,6 @@ __all__ = [
     "image_folder_dataset",
     "load_or_create_fewshot",
     "loads_restricted",
-    "make_loader",
     "read_datum_splits",
     "sample_fewshot_splits",
     "split_by_label",

@@ -1,4 +1,4 @@
-"""Image transforms, the torch Dataset of records, and reproducible DataLoaders.
+"""Image transforms and the torch Dataset of records.
 
 The transforms are what Dassl builds from the authors' config (``configs/trainers/VPT``:
 ``INPUT.SIZE (224, 224)``, ``INTERPOLATION "bicubic"``, CLIP's mean/std and ``TRANSFORMS
@@ -12,12 +12,11 @@ The transforms are what Dassl builds from the authors' config (``configs/trainer
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -29,7 +28,6 @@ DEFAULT_IMAGE_SIZE = 224
 # Dassl's INPUT.RRCROP_SCALE default (the authors' configs do not override it).
 RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
 INTERPOLATION = InterpolationMode.BICUBIC
-_SEED_MODULUS = 2**32  # numpy seeds must be < 2**32
 
 
 def build_transforms(train: bool, image_size: int = DEFAULT_IMAGE_SIZE) -> T.Compose:
@@ -84,58 +82,3 @@ def load_rgb(path: str) -> Image.Image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and numpy in a DataLoader worker from the seed torch gave it.
-
-    torch seeds each worker with ``base_seed + worker_id`` (``base_seed`` drawn from the
-    loader's generator) but leaves ``random`` and numpy alone, so augmentations using them
-    would repeat across workers and runs would not be reproducible.
-    """
-    del worker_id  # already folded into torch.initial_seed() by torch
-    seed = torch.initial_seed() % _SEED_MODULUS
-    random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for torch; nothing to seed then
-        return
-    np.random.seed(seed)  # noqa: NPY002 -- the global state is what augmentations draw from
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    train: bool,
-    num_workers: int = 0,
-    sampler: Sampler | None = None,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader that shuffles reproducibly.
-
-    Args:
-        dataset: e.g. an :class:`ImageDataset`.
-        batch_size: images per batch.
-        train: shuffle (unless ``sampler`` is given).
-        num_workers: loader processes; workers persist across epochs when > 0.
-        sampler: overrides shuffling (e.g. a DistributedSampler).
-        seed: seeds the shuffling generator and, through it, the workers' seeds, so the same
-            seed gives the same batches and augmentations.
-        drop_last: drop the last incomplete batch. False by default; Dassl's training loader
-            drops it whenever the dataset holds at least one batch.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
-        generator=generator,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-    )

@@ -27,12 +27,12 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from dpt_fast.data.records import DASSL_DATUM_MODULE, DASSL_DATUM_NAME, Datum
+from dpt_fast.files import atomic_write_bytes
 
 # Protocol 2 is the oldest with NEWOBJ (the opcode Dassl's own files use for Datum) and is read
 # by every Python 3; newer protocols only add framing and opcodes these files do not need.
@@ -117,43 +117,6 @@ def write_datum_splits(path: str | os.PathLike[str], splits: dict[str, list[Datu
     crash or a concurrent reader never sees a half-written file.
     """
     atomic_write_bytes(path, dumps_dassl_compatible(splits))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain write would not
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss too
 
 
 def dumps_dassl_compatible(obj: Any) -> bytes:
