@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from dpt_fast.config import DPTConfig
+from dpt_fast.config_fields import EVAL, fields_with
 from dpt_fast.engine.config import TrainConfig, config_from_dict, config_to_dict, field_help
 
-EVAL_FIELDS = ("dataset", "root", "subsample", "seed", "backbone", "pretrained",
-               "eval_batch_size", "precision", "num_workers", "device", "output_dir")
+# The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
+EVAL_FIELDS = fields_with(TrainConfig, EVAL)
 
 
 def _none_or_int(text: str) -> int | None:
@@ -45,7 +46,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, kind, help_text: str,
         parser.add_argument(flag, type=kind, **kw)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+def _add_config_flags(parser: argparse.ArgumentParser, only: frozenset[str] | None = None,
                       model: bool = True) -> None:
     train_help, model_help = field_help(TrainConfig), field_help(DPTConfig)
     train_types, model_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(DPTConfig)

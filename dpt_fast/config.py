@@ -8,8 +8,19 @@ classes, α = 0.3, 30 guidance epochs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+from dpt_fast.config_fields import (
+    INIT_ONLY,
+    LOSS_ONLY,
+    PER_DATASET,
+    REPORT_KEY,
+    config_diff,
+    fields_with,
+    with_roles,
+)
 
 MethodName = Literal["coop", "vpt", "vlp", "dpt"]
 ClassTokenPosition = Literal["end", "middle", "front"]
@@ -40,12 +51,6 @@ METHODS: dict[str, MethodSpec] = {
                       class_aware_prompts=True, guidance=True),
 }
 
-# Fields that only shape the objective: a checkpoint stays valid when they change.
-LOSS_ONLY_FIELDS = frozenset({"alpha", "guidance_epochs"})
-# Fields that only set the initial values of tensors a loaded state_dict overwrites: a checkpoint
-# trained with another value loads all the same.
-INIT_ONLY_FIELDS = frozenset({"init_std"})
-
 
 @dataclass
 class DPTConfig:
@@ -56,7 +61,7 @@ class DPTConfig:
     model is built).
     """
 
-    method: MethodName = "dpt"  # preset: "coop" | "vpt" | "vlp" | "dpt" (see METHODS)
+    method: MethodName = with_roles("dpt", REPORT_KEY)  # "coop" | "vpt" | "vlp" | "dpt" (METHODS)
     n_text_ctx: int = 16  # learnable text context tokens (ignored when text_ctx_init is set)
     text_ctx_init: str = ""  # words that initialise the text context, e.g. "a photo of a"
     class_specific_ctx: bool = False  # one text context per class (CoOp's CSC)
@@ -66,10 +71,11 @@ class DPTConfig:
     cavpt_top_k: int = 10  # classes selected per image (CPN); capped at the number of classes
     cavpt_n_ctx: int = 10  # learnable key/value tokens of each CAVPT attention
     cavpt_attn_dim: int = 32  # query/key width of the CAVPT attention
-    alpha: float = 0.3  # weight of the layer-logit loss (TRAINER.ALPHA)
-    guidance_epochs: int = 30  # epochs with the guidance objective (PRETRAIN.C)
-    template: str = "a photo of a {}."  # hand-crafted prompt; "{}" is replaced by the class name
-    init_std: float = 0.02  # std of the normal init of text/visual/CAVPT prompt tokens
+    alpha: float = with_roles(0.3, LOSS_ONLY)  # weight of the layer-logit loss (TRAINER.ALPHA)
+    guidance_epochs: int = with_roles(30, LOSS_ONLY)  # epochs of guidance loss (PRETRAIN.C)
+    # hand-crafted prompt of the zero-shot selection and guidance; "{}" takes the class name
+    template: str = with_roles("a photo of a {}.", PER_DATASET)
+    init_std: float = with_roles(0.02, INIT_ONLY)  # std of the normal init of all prompt tokens
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -115,12 +121,13 @@ class DPTConfig:
             for name in ("cavpt_top_k", "cavpt_n_ctx", "cavpt_attn_dim"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"DPTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.alpha < 0:
-            raise ValueError(f"DPTConfig.alpha must be >= 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"DPTConfig.alpha must be a finite number >= 0, got {self.alpha}")
         if self.guidance_epochs < 0:
             raise ValueError(f"DPTConfig.guidance_epochs must be >= 0, got {self.guidance_epochs}")
-        if self.init_std <= 0:
-            raise ValueError(f"DPTConfig.init_std must be > 0, got {self.init_std}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"DPTConfig.init_std must be a finite number > 0, "
+                             f"got {self.init_std}")
 
     @property
     def spec(self) -> MethodSpec:
@@ -132,12 +139,14 @@ class DPTConfig:
 
     def model_fields(self) -> dict:
         """The fields that define the learned tensors (all but the loss-only ones)."""
-        return {k: v for k, v in self.to_dict().items() if k not in LOSS_ONLY_FIELDS}
+        loss_only = fields_with(DPTConfig, LOSS_ONLY)
+        return {k: v for k, v in self.to_dict().items() if k not in loss_only}
 
     def differing_model_fields(self, saved: dict,
                                ignore: frozenset[str] = frozenset()) -> list[str]:
         """The model fields (sorted) whose value in ``saved``, a checkpoint's ``model_fields()``,
-        differs from this config's; the init-only fields and those in ``ignore`` never count."""
-        ours = self.model_fields()
-        return sorted(field for field in (set(ours) | set(saved)) - INIT_ONLY_FIELDS - ignore
-                      if saved.get(field) != ours.get(field))
+        differs from this config's (a field ``saved`` lacks counts as its default); loss-only
+        and init-only fields and those in ``ignore`` never count."""
+        changes = config_diff(DPTConfig, saved, self.model_fields(),
+                              skip_roles=(LOSS_ONLY, INIT_ONLY), skip=ignore)
+        return [change.name for change in changes]

@@ -104,7 +104,7 @@ def test_prompts_transfer_to_other_classes(tiny_clip_model, classnames, images):
 @pytest.mark.parametrize(("n", "batch", "world"), [(17, 6, 1), (17, 6, 2), (24, 6, 3),
                                                    (11, 32, 2), (10, 32, 4), (63, 32, 2)])
 def test_global_batches_do_not_depend_on_the_process_count(n, batch, world):
-    from dpt_fast.engine.trainer import GlobalBatchSampler
+    from dpt_fast.engine.sampler import GlobalBatchSampler
 
     single = GlobalBatchSampler(n, batch, 0, 1, seed=5)
     single.set_epoch(3)
@@ -130,7 +130,7 @@ def test_global_batches_do_not_depend_on_the_process_count(n, batch, world):
 
 
 def test_global_batches_need_a_sample_per_process():
-    from dpt_fast.engine.trainer import GlobalBatchSampler
+    from dpt_fast.engine.sampler import GlobalBatchSampler
 
     with pytest.raises(ValueError, match="fewer than the 4 processes"):
         GlobalBatchSampler(3, 32, 0, 4, seed=1)

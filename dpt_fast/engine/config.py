@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -17,24 +18,31 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dpt_fast.config import DPTConfig
+from dpt_fast.config_fields import EVAL, REPEAT, REPORT_KEY, RESUMABLE, with_roles
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the model config (``model``)."""
+    """Everything a run needs besides the model config (``model``).
 
-    dataset: str = "oxford_pets"  # dataset name (see dpt_fast.data.DATASETS) or "folder"
-    root: str = "data"  # folder holding the datasets in CoOp's layout
-    shots: int = 16  # training images per class (-1: all)
-    seed: int = 1  # seed of the few-shot split, the data order and the prompt init
-    subsample: Literal["all", "base", "new"] = "all"  # classes to train on (base-to-new)
-    backbone: str = "ViT-B-16"  # open_clip model name, or a local open_clip config .json
-    pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint path
+    Field roles (:mod:`dpt_fast.config_fields`): RESUMABLE fields may change when a run is
+    resumed, EVAL fields are flags of ``dpt-fast eval`` too, REPORT_KEY fields are columns of
+    ``dpt-fast report``, REPEAT (the seed) tells repetitions of one experiment apart.
+    """
+
+    dataset: str = with_roles("oxford_pets", EVAL, REPORT_KEY)  # a DATASETS name, or "folder"
+    root: str = with_roles("data", EVAL, RESUMABLE)  # folder holding the datasets in CoOp's layout
+    shots: int = with_roles(16, REPORT_KEY)  # training images per class (-1: all)
+    seed: int = with_roles(1, EVAL, REPEAT)  # seed of the few-shot split, data order, prompt init
+    # classes to train on (base-to-new)
+    subsample: Literal["all", "base", "new"] = with_roles("all", EVAL, REPORT_KEY)
+    backbone: str = with_roles("ViT-B-16", EVAL, REPORT_KEY)  # open_clip model name or config .json
+    pretrained: str = with_roles("openai", EVAL)  # open_clip pretrained tag or checkpoint path
     epochs: int = 60  # training epochs
     batch_size: int = 32  # global batch size (split evenly over DDP processes)
-    eval_batch_size: int = 100  # evaluation batch size per process
+    eval_batch_size: int = with_roles(100, EVAL, RESUMABLE)  # evaluation batch size per process
     lr: float = 0.01  # lr of the visual prompts and CAVPT
     text_lr: float = 0.002  # lr of the text context
     momentum: float = 0.9  # SGD momentum
@@ -42,20 +50,60 @@ class TrainConfig:
     warmup_epochs: int = 10  # constant warm-up epochs of the visual groups (authors: 1 on ImageNet)
     text_warmup_epochs: int = 1  # constant warm-up epochs of the text context
     warmup_lr: float = 1e-5  # lr during the constant warm-up
-    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a scaler
-    num_workers: int = 4  # data-loading worker processes per training process
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    output_dir: str = "runs/dpt"  # where checkpoints, logs and results go
-    eval_every: int = 0  # evaluate on the test split every N epochs (0: at the end only)
-    resume: bool = False  # continue from output_dir's last checkpoint
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler
+    precision: Precision = with_roles("auto", EVAL)
+    num_workers: int = with_roles(4, EVAL, RESUMABLE)  # data-loading processes per training process
+    device: str = with_roles("auto", EVAL, RESUMABLE)  # auto, cpu, cuda, cuda:N
+    output_dir: str = with_roles("runs/dpt", EVAL, RESUMABLE)  # checkpoints, logs and results
+    eval_every: int = with_roles(0, RESUMABLE)  # test-split accuracy every N epochs (0: at the end)
+    resume: bool = with_roles(False, RESUMABLE)  # continue from output_dir's last checkpoint
     model: DPTConfig = field(default_factory=DPTConfig)  # the DPT model
+
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, naming the field (before any work starts)."""
+        rules = (
+            ("shots", self.shots == -1 or self.shots >= 1, "-1 (all images) or >= 1"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("lr", _finite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("text_lr", _finite(self.text_lr) and self.text_lr > 0, "a finite number > 0"),
+            ("warmup_lr", _finite(self.warmup_lr) and self.warmup_lr > 0, "a finite number > 0"),
+            ("momentum", _finite(self.momentum) and self.momentum >= 0, "a finite number >= 0"),
+            ("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0,
+             "a finite number >= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("text_warmup_epochs", self.text_warmup_epochs >= 0, ">= 0"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0: evaluate at the end only)"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def field_help(cls) -> dict[str, str]:
-    """The trailing comment of each dataclass field in ``cls``'s source: the documentation."""
-    source = inspect.getsource(cls)
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", re.MULTILINE)
-    return {name: text.strip() for name, text in pattern.findall(source)}
+    """The documentation of each dataclass field in ``cls``'s source: its trailing comment, or
+    the comment lines right above it when the line has no room for one."""
+    help_text: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"^\s+(\w+): [^=]+=(.*)$", line)
+        if match:
+            trailing = re.search(r"#\s*(.+)$", match.group(2))
+            text = trailing.group(1).strip() if trailing else " ".join(above)
+            if text:
+                help_text[match.group(1)] = text
+        above = []
+    return help_text
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-# Config fields that do not change what a run measures: runs differing only in these (and in
-# the seed) are repetitions of one experiment.
-_NOT_SETTINGS = frozenset({"seed", "output_dir", "resume", "num_workers", "device", "root",
-                           "eval_batch_size", "eval_every"})
+from dpt_fast.config import DPTConfig
+from dpt_fast.config_fields import REPEAT, REPORT_KEY, RESUMABLE, defaults, fields_with
+from dpt_fast.engine.config import TrainConfig
+
+# Fields that do not change what a run measures (where it ran, how it loaded data, its seed):
+# runs that differ only in these are repetitions of one experiment.
+_NOT_SETTINGS = fields_with(TrainConfig, RESUMABLE) | fields_with(TrainConfig, REPEAT)
+_TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.name in
+               fields_with(TrainConfig, REPORT_KEY)]
+_MODEL_KEYS = [f.name for f in dataclasses.fields(DPTConfig) if f.name in
+               fields_with(DPTConfig, REPORT_KEY)]
+# Table columns: the dataset, the method, then the other key fields of the run.
+_COLUMNS = (_TRAIN_KEYS[0], *_MODEL_KEYS, *_TRAIN_KEYS[1:])
+_HEADERS = {"subsample": "classes"}
+_TRAIN_DEFAULTS, _MODEL_DEFAULTS = defaults(TrainConfig), defaults(DPTConfig)
 
 
 def _key(results: dict) -> tuple:
     cfg = results.get("config", {})
     model = cfg.get("model", {})
-    return (results.get("dataset", "?"), model.get("method", "?"), cfg.get("shots", "?"),
-            cfg.get("subsample", "all"), cfg.get("backbone", "?"))
+    # A field an older results file lacks counts as its default.
+    values = {**{k: cfg.get(k, _TRAIN_DEFAULTS.get(k, "?")) for k in _TRAIN_KEYS},
+              **{k: model.get(k, _MODEL_DEFAULTS.get(k, "?")) for k in _MODEL_KEYS}}
+    values["dataset"] = results.get("dataset", values["dataset"])
+    return tuple(values[column] for column in _COLUMNS)
 
 
 def _settings(results: dict) -> dict:
@@ -70,13 +85,13 @@ def report_runs(root: Path, out: Path | None = None) -> str:
         signatures[key[:-1]].append(key[-1])
     labels = {(*base, sig): label for base, sigs in signatures.items()
               for sig, label in _variant_labels(sigs).items()}
-    lines = ["| dataset | method | shots | classes | backbone | settings | seeds | accuracy "
-             "| macro-F1 | new acc. | H |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = [_HEADERS.get(c, c) for c in _COLUMNS]
+    headers = [*columns, "settings", "seeds", "accuracy", "macro-F1", "new acc.", "H"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     notes, summary = [], []
     for key in sorted(groups, key=str):
         g = groups[key]
-        row = dict(zip(("dataset", "method", "shots", "subsample", "backbone"), key[:-1],
-                       strict=True))
+        row = dict(zip(_COLUMNS, key[:-1], strict=True))
         row |= {"settings": labels[key], "seeds": seeds[key], **{m: v for m, v in g.items()}}
         summary.append(row)
         lines.append(f"| {' | '.join(str(k) for k in key[:-1])} | {labels[key] or '-'} | "

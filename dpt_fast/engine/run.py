@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from dpt_fast.base import META_CLASSNAMES, META_CONFIG, DPTBase, decode_json_tensor
 from dpt_fast.config import DPTConfig
+from dpt_fast.config_fields import PER_DATASET, config_diff, fields_with
 from dpt_fast.data import (
     DatasetSplits,
     ImageDataset,
@@ -28,19 +28,15 @@ from dpt_fast.data import (
     build_transforms,
     image_folder_dataset,
 )
-from dpt_fast.data.pickling import atomic_write_bytes
 from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine.config import TrainConfig, config_to_dict
+from dpt_fast.engine.device import autocast_dtype, resolve_device
 from dpt_fast.engine.distributed import close_distributed, init_distributed
+from dpt_fast.engine.evaluation import evaluate
 from dpt_fast.engine.metrics import harmonic_mean
-from dpt_fast.engine.trainer import (
-    LAST_CHECKPOINT,
-    Trainer,
-    autocast_dtype,
-    evaluate,
-    resolve_device,
-    seed_all,
-)
+from dpt_fast.engine.seeding import seed_all
+from dpt_fast.engine.trainer import LAST_CHECKPOINT, Trainer
+from dpt_fast.files import write_json
 from dpt_fast.model import DPT
 
 log = logging.getLogger("dpt_fast")
@@ -89,7 +85,10 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     source_classes = decode_json_tensor(state[META_CLASSNAMES])
     source_config = decode_json_tensor(state[META_CONFIG])
     # The template only builds the frozen hand-crafted features: each dataset keeps its own.
-    diff = model.config.differing_model_fields(source_config, ignore=frozenset({"template"}))
+    # Per-dataset fields (the template) only build the frozen hand-crafted features: each
+    # dataset keeps its own.
+    diff = model.config.differing_model_fields(source_config,
+                                               ignore=fields_with(DPTConfig, PER_DATASET))
     if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
     same_classes = source_classes == model.classnames
@@ -134,10 +133,6 @@ def _join_process_group(device_name: str):
     return init_distributed(torch.device("cuda" if wants_cuda else "cpu"))
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
-
-
 def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
     """Train on ``config.dataset`` and evaluate on its test split (base and new classes for
     subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir."""
@@ -164,7 +159,7 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
         if config.resume:
             trainer.resume()
         if info.is_main:
-            _write_json(output_dir / "config.json", config_to_dict(run_config))
+            write_json(output_dir / "config.json", config_to_dict(run_config))
         history = trainer.fit(
             lambda: _eval_split(model, splits, run_config, device, info, "test"))
         results = {"config": config_to_dict(run_config), "dataset": config.dataset,
@@ -178,7 +173,7 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
             results["harmonic_mean"] = harmonic_mean(results["test"]["accuracy"],
                                                      results["test_new"]["accuracy"])
         if info.is_main:
-            _write_json(output_dir / "results.json", results)
+            write_json(output_dir / "results.json", results)
             log.info("test accuracy %.2f%%", results["test"]["accuracy"])
         return results
     finally:
@@ -194,16 +189,17 @@ def _checkpoint_run_config(config: TrainConfig, saved: dict,
     checkpoint's; set explicitly to something else, they are used with a warning. The template:
     the user's if given, else the training template on the same dataset, else the dataset's.
     """
-    model_fields = {f.name for f in dataclasses.fields(DPTConfig)}
-    refused = sorted(name for name in (explicit & model_fields) - {"template"}
-                     if getattr(config.model, name) != saved["model"].get(name))
+    per_dataset = fields_with(DPTConfig, PER_DATASET)
+    refused = sorted(change.name for change in config_diff(
+        DPTConfig, saved["model"], dataclasses.asdict(config.model), skip=per_dataset)
+        if change.name in explicit)
     if refused:
         raise ValueError(f"eval --checkpoint uses the checkpoint's model config; drop the "
                          f"model settings {refused}, which differ from it (only the template "
                          "may change)")
     model_config = DPTConfig(**saved["model"])
-    if "template" in explicit:
-        model_config = dataclasses.replace(model_config, template=config.model.template)
+    model_config = dataclasses.replace(model_config, **{
+        name: getattr(config.model, name) for name in per_dataset & explicit})
     changes = {"model": model_config}
     for name in ("backbone", "pretrained"):
         if name not in explicit:
@@ -249,7 +245,7 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
         if info.is_main:
             out = Path(config.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
+            write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
         return results
     finally:
         close_distributed()
