@@ -57,16 +57,24 @@ def _check_classnames(classnames: Sequence[str]) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"classnames[{i}] must be a non-empty string, got {name!r}")
-    seen: dict[str, int] = {}
+    return names
+
+
+def _check_distinct_prompts(names: list[str], tokenizer: ClipTokenizer) -> None:
+    """Refuse class names that reach the text encoder as the same tokens: CLIP's tokenizer
+    lower-cases, collapses white space and fixes text encoding, and "_" is written as a space,
+    so "Red_Plain  square" and "red plain square" are one class to the model."""
+    seen: dict[tuple[int, ...], int] = {}
     for i, name in enumerate(names):
-        key = prompt_class_name(name).strip().lower()
+        key = tuple(tokenizer.encode(prompt_class_name(name)))
         if key in seen:
+            j = seen[key]
             raise ValueError(
-                f"classnames[{seen[key]}] {names[seen[key]]!r} and classnames[{i}] {name!r} give "
-                "the same prompt: classes must be distinguishable"
+                f"classnames[{j}] {names[j]!r} and classnames[{i}] {name!r} give the same "
+                "prompt tokens (CLIP's tokenizer ignores case, repeated spaces and '_'): "
+                "classes must be distinguishable"
             )
         seen[key] = i
-    return names
 
 
 def _param_dtype(clip: nn.Module) -> torch.dtype:
@@ -132,6 +140,7 @@ class DPTBase(nn.Module):
                 f"tokenizer vocabulary ({tokenizer.vocab_size}) does not match the CLIP's token "
                 f"embedding ({geo.vocab_size} rows): DPT needs CLIP's BPE tokenizer"
             )
+        _check_distinct_prompts(self.classnames, tokenizer)
         param = next(p for p in clip.parameters() if p.is_floating_point())
         device, dtype = param.device, _param_dtype(clip)
 
@@ -265,9 +274,13 @@ class DPTBase(nn.Module):
         """Load prompts saved by :meth:`state_dict`.
 
         With ``strict=True`` (also when DPT sits inside the module being loaded) a state_dict of
-        other classes or of another config is refused with an error naming the difference;
-        ``strict=False`` loads whatever tensors fit and lists the difference among the
-        unexpected keys.
+        other classes or of another config is refused with an error naming the difference.
+        ``strict=False`` loads the tensors whose names and shapes fit this model and returns
+        the rest: tensors of another shape (and the description of the difference) among
+        ``unexpected_keys``, tensors the state_dict lacks among ``missing_keys``.
+
+        A state_dict holding NaN or infinite values (a run that diverged) is always refused,
+        with a ``ValueError`` naming the tensor.
         """
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -317,6 +330,19 @@ def _load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, 
     # refuses those exactly when the caller, at whatever depth DPT is nested, loads with
     # strict=True (it passes strict=True to every hook, so the flag itself cannot be read here).
     module._load_prefix = prefix
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict[key]
+        if torch.is_tensor(value) and value.is_floating_point() and \
+                not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict tensor {key} holds NaN or infinite values: the run "
+                             "that saved it diverged; it cannot be loaded")
+        target = own.get(key[len(prefix):])
+        if torch.is_tensor(value) and target is not None and target.shape != value.shape:
+            # torch would raise even under strict=False: leave it out and report it instead.
+            del state_dict[key]
+            unexpected_keys.append(f"{key} (shape {tuple(value.shape)} in the state_dict, "
+                                   f"{tuple(target.shape)} in this model)")
     names = state_dict.pop(prefix + META_CLASSNAMES, None)
     config = state_dict.pop(prefix + META_CONFIG, None)
     if names is None or config is None:

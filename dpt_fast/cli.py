@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import pickle
+import re
 import sys
 import types
 import typing
@@ -21,6 +23,7 @@ import yaml
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, fields_with
 from dpt_fast.engine.config import TrainConfig, config_from_dict, config_to_dict, field_help
+from dpt_fast.errors import RunFolderBusy, TrainingDiverged
 
 # The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
 EVAL_FIELDS = fields_with(TrainConfig, EVAL)
@@ -67,46 +70,91 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: frozenset[str] | No
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields above")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dpt-fast: error: ...`` and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"dpt-fast: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging, including open_clip's messages")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error instead of its one-line message")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dpt-fast",
         description="Dual-modality Prompt Tuning for CLIP: train, evaluate, report, demo.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_common_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train prompts on a dataset, then evaluate")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        # The common flags work after the command too; SUPPRESS keeps a value given before it.
+        child = sub.add_parser(name, help=help_text)
+        _add_common_flags(child, default=argparse.SUPPRESS)
+        return child
+
+    train = command("train", "train prompts on a dataset, then evaluate")
     _add_config_flags(train)
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's test split")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an output folder that holds a run, removing the "
+                            "old run's files first (without it such a folder is refused)")
+    evaluate = command("eval", "evaluate a checkpoint on a dataset's test split")
     _add_config_flags(evaluate, only=EVAL_FIELDS, model=True)
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a dpt_fast checkpoint-*.safetensors")
     source.add_argument("--official-dir", help="a directory the authors' Dassl trainer wrote")
     evaluate.add_argument("--official-epoch", type=int, default=None,
                           help="load model.pth.tar-EPOCH instead of model-best.pth.tar")
-    report = sub.add_parser("report", help="aggregate results.json files over seeds")
+    report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
-    demo = sub.add_parser("demo", help="a first run with no downloads: toy CLIP, toy task")
+    demo = command("demo", "a first run with no downloads: toy CLIP, toy task")
     from dpt_fast.toy.options import add_demo_arguments
 
     add_demo_arguments(demo)
     return parser
 
 
+def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML config file; errors name the file and the line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as file:
+            loaded = yaml.safe_load(file) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of field: value, got "
+                         f"{type(loaded).__name__}")
+    return loaded
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]:
-    """Defaults < YAML < flags; also the names of the fields the user set (YAML or flag)."""
+    """Defaults < YAML < flags; also the names of the fields the user set (YAML or flag).
+
+    Raises:
+        ValueError: a bad YAML file or value, naming the file or the field.
+        FileNotFoundError: the YAML file does not exist.
+    """
     values = config_to_dict(TrainConfig())
     explicit: dict = {}
     if getattr(args, "config", None) is not None:
-        if not args.config.is_file():
-            raise SystemExit(f"dpt-fast: config file not found: {args.config}")
-        loaded = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"dpt-fast: {args.config} must hold a mapping of field: value")
+        loaded = _read_yaml(args.config)
         model_values = loaded.pop("model", {}) or {}
         if not isinstance(model_values, dict):
-            raise SystemExit(f"dpt-fast: invalid configuration: 'model' in {args.config} must "
-                             f"be a mapping of DPTConfig fields, got {model_values!r} (for the "
-                             f"method preset write 'method: {model_values}')")
+            raise ValueError(f"'model' in {args.config} must be a mapping of DPTConfig fields, "
+                             f"got {model_values!r} (for the method preset write "
+                             f"'method: {model_values}')")
         explicit.update(model_values)
         explicit.update(loaded)
     model_names = {f.name for f in dataclasses.fields(DPTConfig)}
@@ -120,14 +168,33 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str
             values[key] = value
     try:
         return config_from_dict(values), frozenset(explicit)
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"dpt-fast: invalid configuration: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"invalid configuration: {err}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+# Exit statuses: bad input the user can fix (flags, files, data) vs. a failure while running.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+# Errors that mean "the input is wrong": their message names the culprit and the fix.
+_INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+                 IsADirectoryError, PermissionError, pickle.UnpicklingError)
+
+
+def _flag_names(message: str) -> str:
+    """Config field names as the flags a user types: ``TrainConfig.batch_size`` ->
+    ``--batch-size``."""
+    return re.sub(r"\b(?:TrainConfig|DPTConfig)\.(\w+)",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line.strip() for line in _flag_names(str(text)).splitlines()]
+    return " ".join(line for line in lines if line) or type(err).__name__
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from dpt_fast.engine.report import report_runs
 
@@ -137,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         from dpt_fast.toy.demo import main_from_args
 
         return main_from_args(args)
+    config, explicit = resolve_config(args)
     from dpt_fast.engine.run import eval_run, train_run
 
-    config, explicit = resolve_config(args)
     if args.command == "train":
-        results = train_run(config, "template" in explicit)
+        results = train_run(config, "template" in explicit, overwrite=args.overwrite)
     else:
         results = eval_run(config, checkpoint=args.checkpoint, official_dir=args.official_dir,
                            official_epoch=args.official_epoch, explicit=explicit)
@@ -151,6 +218,40 @@ def main(argv: list[str] | None = None) -> int:
                  f" | H: {results['harmonic_mean']:.2f}")
     print(line)
     return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    # open_clip logs its model loading on the root logger at INFO: shown with -v only.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("dpt_fast").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. Errors print one line on stderr
+    (``dpt-fast: error: ...``) unless ``--debug`` asks for the traceback."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = "; continue with --resume" if args.command == "train" else ""
+        print(f"dpt-fast: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug:
+            raise
+        if isinstance(err, _INPUT_ERRORS):
+            print(f"dpt-fast: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(err, (TrainingDiverged, RunFolderBusy, OSError)):
+            print(f"dpt-fast: error: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"dpt-fast: error: internal error ({type(err).__name__}: {_one_line(err)}); "
+                  "run again with --debug for the traceback", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

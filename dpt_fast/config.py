@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,20 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def _check_template(template: str) -> None:
+    """A template holds exactly one ``{}`` (the class name); other braces are written ``{{``."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:  # e.g. a lone "{"
+        raise ValueError(f"DPTConfig.template {template!r} is not a valid template ({err}); "
+                         "write literal braces as '{{' and '}}'") from None
+    if fields != [""] or "{}" not in template:
+        raise ValueError(
+            f"DPTConfig.template must contain '{{}}' exactly once, where the class name goes "
+            f"(and no other replacement field), got {template!r}"
+        )
+
+
 @dataclass
 class DPTConfig:
     """Configuration of :class:`dpt_fast.DPT` and :class:`dpt_fast.reference.DPT`.
@@ -87,11 +102,7 @@ class DPTConfig:
                 "DPTConfig.class_token_position must be 'end', 'middle' or 'front', "
                 f"got {self.class_token_position!r}"
             )
-        if "{}" not in self.template:
-            raise ValueError(
-                f"DPTConfig.template must contain '{{}}' where the class name goes, "
-                f"got {self.template!r}"
-            )
+        _check_template(self.template)
         spec = self.spec
         if spec.text_prompts:
             if not self.text_ctx_init and self.n_text_ctx < 1:

@@ -29,6 +29,7 @@ import collections
 import contextlib
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,11 +108,24 @@ def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dic
     try:
         with _allow_training_state_classes():
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, AttributeError) as err:
-        raise ValueError(f"cannot read {path} as a tensor-only torch checkpoint: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, AttributeError,
+            ValueError) as err:
+        raise ValueError(f"{path} is not loadable as the authors' checkpoint (a torch file of "
+                         f"tensors and plain data): {_load_failure(err)}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{path} has no 'state_dict' dict: not a Dassl checkpoint")
     return {k: v for k, v in checkpoint["state_dict"].items() if k not in IGNORED_KEYS}
+
+
+def _load_failure(err: BaseException) -> str:
+    """The reason of a failed safe ``torch.load``, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file names)."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+    if found:  # drop torch's advice on allowlisting what the file names
+        return found.group(1).split(" Please use")[0].strip().rstrip(".")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first if "weights_only" not in first else type(err).__name__
 
 
 def cavpt_key_map(n_layers: int, with_classifiers: bool) -> Iterator[tuple[str, int, str]]:

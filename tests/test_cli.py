@@ -4,66 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import COLOURS
 
 from dpt_fast.cli import build_parser, main
 from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine import trainer as trainer_module
-from dpt_fast.testing import tiny_clip
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-TINY_CONFIG = {
-    "embed_dim": 24,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16,
-                   "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def clip_files(tmp_path_factory) -> tuple[str, str]:
-    """(open_clip config .json, weights .pt) of a tiny random CLIP."""
-    folder = tmp_path_factory.mktemp("clip")
-    config = folder / "tiny-test-clip.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    weights = folder / "tiny-test-clip.pt"
-    torch.save(tiny_clip(seed=3).state_dict(), weights)
-    return str(config), str(weights)
-
-
-def _write_colour_task(root: Path, train: int, test: int, seed: int) -> Path:
-    """Noisy 32x32 squares of one colour per class: ``train`` and ``test`` images per class."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("test", test)):
-        for name, rgb in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (32, 32, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def colour_folder(tmp_path_factory) -> Path:
-    """An easy 3-class task: noisy squares of one colour per class, train/ and test/."""
-    return _write_colour_task(tmp_path_factory.mktemp("colours"), train=8, test=4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def odd_folder(tmp_path_factory) -> Path:
-    """The colour task with 15 training images, an odd number: 6 per class in train/, of
-    which the image-folder reader keeps one per class for validation."""
-    return _write_colour_task(tmp_path_factory.mktemp("odd_colours"), train=6, test=2, seed=1)
 
 
 def _train_args(clip_files, root, out, epochs=4, extra=()):
@@ -109,8 +61,9 @@ def test_train_resume_and_eval(clip_files, colour_folder, tmp_path, monkeypatch,
         return original(self, epoch)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_epoch", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        main(_train_args(clip_files, colour_folder, part))
+    capsys.readouterr()
+    assert main(_train_args(clip_files, colour_folder, part)) == 130  # Ctrl-C
+    assert "dpt-fast: interrupted; continue with --resume" in capsys.readouterr().err
     monkeypatch.setattr(trainer_module.Trainer, "train_epoch", original)
     _, meta = ckpt.read_checkpoint(part / "checkpoint-last.safetensors")
     assert meta["epoch"] == 1
@@ -133,7 +86,7 @@ def test_train_resume_and_eval(clip_files, colour_folder, tmp_path, monkeypatch,
 
 
 def test_resume_refuses_other_settings_and_keeps_the_history(clip_files, colour_folder,
-                                                            tmp_path):
+                                                            tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train_args(clip_files, colour_folder, out, epochs=2,
                             extra=["--eval-every", "1"])) == 0
@@ -144,9 +97,10 @@ def test_resume_refuses_other_settings_and_keeps_the_history(clip_files, colour_
     assert [r["epoch"] for r in results["history"]] == [1, 2]
     assert results["history"][0]["lr"] == [0.05, 0.05]  # the epoch's own lr, before stepping
 
-    with pytest.raises(ValueError, match=r"epochs: 2 -> 3.*lr: 0.05 -> 0.5"):
-        main(_train_args(clip_files, colour_folder, out, epochs=3,
-                         extra=["--resume", "--lr", "0.5"]))
+    capsys.readouterr()
+    assert main(_train_args(clip_files, colour_folder, out, epochs=3,
+                            extra=["--resume", "--lr", "0.5"])) == 2
+    assert re.search(r"epochs: 2 -> 3.*lr: 0.05 -> 0.5", capsys.readouterr().err)
     # Resuming a finished run with the same settings keeps the whole history.
     assert main(_train_args(clip_files, colour_folder, out, epochs=2,
                             extra=["--resume", "--eval-every", "1"])) == 0
@@ -162,14 +116,16 @@ def test_resume_refuses_other_settings_and_keeps_the_history(clip_files, colour_
     history = json.loads((out / "results.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [1, 2] and "loss" in history[1]
     assert oct((out / "results.json").stat().st_mode & 0o777) != oct(0o600)
-    # A fresh run in the same folder starts a new log.
-    assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 0
+    # A fresh run in the same folder is refused; with --overwrite it starts a new log.
+    assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 2
+    assert main(_train_args(clip_files, colour_folder, out, epochs=1,
+                            extra=["--overwrite"])) == 0
     log = (out / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1]
 
 
 def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
-        clip_files, colour_folder, tmp_path, monkeypatch):
+        clip_files, colour_folder, tmp_path, monkeypatch, capsys):
     from dpt_fast.engine import run as run_module
 
     out = tmp_path / "run"
@@ -189,13 +145,14 @@ def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
     assert main([*base, "--template", "a blurry photo of a {}."]) == 0
     assert built[-1].template == "a blurry photo of a {}."
     assert built[-1].cavpt_top_k == 2
-    with pytest.raises(ValueError, match=r"drop the model settings \['cavpt_top_k'\]"):
-        main([*base, "--cavpt-top-k", "3"])
+    capsys.readouterr()
+    assert main([*base, "--cavpt-top-k", "3"]) == 2
+    assert "drop the model settings ['cavpt_top_k']" in capsys.readouterr().err
     assert main([*base, "--cavpt-top-k", "2", "--n-text-ctx", "4"]) == 0  # the same values
 
 
 def test_train_on_a_test_only_dataset_is_refused(clip_files, colour_folder, tmp_path,
-                                                 monkeypatch):
+                                                 monkeypatch, capsys):
     from dpt_fast.engine import run as run_module
 
     original = run_module.load_splits
@@ -206,8 +163,8 @@ def test_train_on_a_test_only_dataset_is_refused(clip_files, colour_folder, tmp_
         return splits
 
     monkeypatch.setattr(run_module, "load_splits", test_only)
-    with pytest.raises(ValueError, match="no training images"):
-        main(_train_args(clip_files, colour_folder, tmp_path / "run", epochs=1))
+    assert main(_train_args(clip_files, colour_folder, tmp_path / "run", epochs=1)) == 2
+    assert "no training images" in capsys.readouterr().err
 
 
 def test_yaml_config_and_flag_precedence(clip_files, colour_folder, tmp_path):
@@ -222,7 +179,7 @@ def test_yaml_config_and_flag_precedence(clip_files, colour_folder, tmp_path):
     assert explicit == {"epochs", "method", "n_visual_ctx", "seed"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")
-    with pytest.raises(SystemExit, match="epochz"):
+    with pytest.raises(ValueError, match="epochz"):
         resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
 
 
@@ -237,7 +194,7 @@ def test_yaml_values_of_the_wrong_type_name_the_field(tmp_path, text, match):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(ValueError, match=match):
         resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
 
 
@@ -251,9 +208,9 @@ def test_yaml_numbers_in_exponent_notation_are_floats(tmp_path):
     assert isinstance(config.model.alpha, float)
 
 
-def test_missing_dataset_names_the_layout(clip_files, tmp_path):
-    with pytest.raises(FileNotFoundError, match="train"):
-        main(_train_args(clip_files, tmp_path / "nowhere", tmp_path / "out"))
+def test_missing_dataset_names_the_layout(clip_files, tmp_path, capsys):
+    assert main(_train_args(clip_files, tmp_path / "nowhere", tmp_path / "out")) == 2
+    assert "expected <root>/train/<class>/<image>" in capsys.readouterr().err
 
 
 def _write_result(folder: Path, seed: int, acc: float, lr: float = 0.01) -> None:
@@ -337,7 +294,7 @@ def test_base_to_new_and_cross_dataset(clip_files, tmp_path, capsys):
     assert set(evaluated["test"]["per_class_accuracy"]) <= {"banded", "blotchy", "braided"}
 
 
-def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path):
+def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path, capsys):
     from test_checkpoints import _write_official
 
     from dpt_fast import DPT, DPTConfig
@@ -353,8 +310,49 @@ def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path):
                  "--cavpt-top-k", "2", "--output-dir", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "eval_folder_all.json").read_text())["test"]
     assert report["n"] == 12
-    with pytest.raises(ValueError, match=r"ctx: checkpoint tensor has shape \(4, 32\)"):
-        main(["eval", "--official-dir", str(tmp_path / "official"), "--dataset", "folder",
-              "--root", str(colour_folder), "--backbone", config, "--pretrained", weights,
-              "--device", "cpu", "--num-workers", "0", "--method", "vlp",
-              "--output-dir", str(tmp_path / "eval")])
+    capsys.readouterr()
+    assert main(["eval", "--official-dir", str(tmp_path / "official"), "--dataset", "folder",
+                 "--root", str(colour_folder), "--backbone", config, "--pretrained", weights,
+                 "--device", "cpu", "--num-workers", "0", "--method", "vlp",
+                 "--output-dir", str(tmp_path / "eval")]) == 2
+    assert re.search(r"ctx: checkpoint tensor has shape \(4, 32\)", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("dies_in", ["evaluation", "log_append"])
+def test_resume_keeps_the_periodic_test_accuracy_wherever_the_run_dies(
+        clip_files, colour_folder, tmp_path, monkeypatch, dies_in):
+    """A run killed during epoch 1's --eval-every evaluation, or after its checkpoint but
+    before its log line, resumes to the very history an uninterrupted run records."""
+    from dpt_fast.engine import run as run_module
+
+    args = ["--eval-every", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_train_args(clip_files, colour_folder, full, epochs=2, extra=args)) == 0
+    expected = json.loads((full / "results.json").read_text())["history"]
+    assert expected[0]["test_accuracy"] is not None
+
+    calls = {"n": 0}
+    if dies_in == "evaluation":
+        original = run_module._eval_split
+
+        def dying(*a, **kw):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(run_module, "_eval_split", dying)
+    else:
+        original = trainer_module.append_record
+
+        def dying(path, record):
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer_module, "append_record", dying)
+    assert main(_train_args(clip_files, colour_folder, part, epochs=2, extra=args)) == 130
+    monkeypatch.undo()
+    assert main(_train_args(clip_files, colour_folder, part, epochs=2,
+                            extra=[*args, "--resume"])) == 0
+    history = json.loads((part / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[0]["test_accuracy"] == expected[0]["test_accuracy"]
+    assert history[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
+    del original

@@ -111,14 +111,15 @@ def coop_fewshot(train, val, num_shots, seed):
     return train, val
 
 
-def uneven_items() -> list[Datum]:
-    """Labels first appear as 2, 0, 3, 1; class sizes 7, 3, 1 (fewer than most K), 5."""
+def uneven_items(root: object = "/d") -> list[Datum]:
+    """Labels first appear as 2, 0, 3, 1; class sizes 7, 3, 1 (fewer than most K), 5; images
+    under ``root``."""
     sizes = {2: 7, 0: 3, 3: 1, 1: 5}
     items, counters = [], dict.fromkeys(sizes, 0)
     while any(counters[y] < n for y, n in sizes.items()):
         for label, n in sizes.items():
             if counters[label] < n:
-                items.append(Datum(f"/d/{label}/{counters[label]}.jpg", label, f"c{label}"))
+                items.append(Datum(f"{root}/{label}/{counters[label]}.jpg", label, f"c{label}"))
                 counters[label] += 1
     return items
 
@@ -215,7 +216,7 @@ def test_build_dataset_fewshot_matches_coop_end_to_end(tmp_path, seed, global_ra
 # --- few-shot cache files ---------------------------------------------------------------------
 
 def test_fewshot_cache_round_trip_and_reuse(tmp_path):
-    train, val = uneven_items(), uneven_items()[:6]
+    train, val = uneven_items(tmp_path), uneven_items(tmp_path)[:6]
     got = load_or_create_fewshot(tmp_path, train, val, 2, 1)
     path = tmp_path / "split_fewshot" / "shot_2-seed_1.pkl"
     assert path.is_file()
@@ -229,7 +230,7 @@ def test_fewshot_cache_round_trip_and_reuse(tmp_path):
 
 def test_fewshot_cache_without_val_writes_train_only(tmp_path):
     # CoOp's ImageNet: the validation set is the test set, only train is sampled and cached.
-    train_fs, val_fs = load_or_create_fewshot(tmp_path, uneven_items(), None, 2, 3)
+    train_fs, val_fs = load_or_create_fewshot(tmp_path, uneven_items(tmp_path), None, 2, 3)
     assert val_fs is None
     data = loads_restricted(fewshot_path(tmp_path, 2, 3).read_bytes())
     assert list(data) == ["train"] and data["train"] == train_fs
@@ -238,18 +239,18 @@ def test_fewshot_cache_without_val_writes_train_only(tmp_path):
 def test_fewshot_cache_unwritable_warns_and_still_samples(tmp_path):
     (tmp_path / "split_fewshot").write_text("a file where the directory should be")
     with pytest.warns(UserWarning, match="could not cache"):
-        train_fs, _ = load_or_create_fewshot(tmp_path, uneven_items(), None, 1, 1)
-    assert train_fs == generate_fewshot(uneven_items(), 1, 1)
+        train_fs, _ = load_or_create_fewshot(tmp_path, uneven_items(tmp_path), None, 1, 1)
+    assert train_fs == generate_fewshot(uneven_items(tmp_path), 1, 1)
 
 
 def test_fewshot_cache_with_wrong_shape_is_an_error(tmp_path):
     path = fewshot_path(tmp_path, 1, 1)
-    write_datum_splits(path, {"train": uneven_items()})
+    write_datum_splits(path, {"train": uneven_items(tmp_path)})
     with pytest.raises(ValueError, match="missing split 'val'"):
-        load_or_create_fewshot(tmp_path, uneven_items(), uneven_items(), 1, 1)
+        load_or_create_fewshot(tmp_path, uneven_items(tmp_path), uneven_items(tmp_path), 1, 1)
     path.write_bytes(pickle.dumps({"train": [1, 2]}))
     with pytest.raises(ValueError, match="not a list of Datum"):
-        load_or_create_fewshot(tmp_path, uneven_items(), None, 1, 1)
+        load_or_create_fewshot(tmp_path, uneven_items(tmp_path), None, 1, 1)
 
 
 # --- pickle interop with Dassl ------------------------------------------------------------------
@@ -595,3 +596,53 @@ def test_image_dataset_reads_rgb_and_names_bad_files(tmp_path):
     for index, name in ((1, "corrupt.jpg"), (2, "gone.jpg")):
         with pytest.raises(ImageReadError, match=name):
             dataset[index]
+
+
+# --- files that do not belong: clear errors naming the file -------------------------------------
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"", "the file is empty"),
+    (b"\x80\x02}q\x00(X\x05\x00\x00", "corrupt"),
+    (b"this is not a pickle at all", "corrupt"),
+])
+def test_unreadable_fewshot_cache_names_the_file_and_the_fix(tmp_path, content, match):
+    path = fewshot_path(tmp_path, 2, 1)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_or_create_fewshot(tmp_path, uneven_items(tmp_path), None, 2, 1)
+    assert str(path) in str(info.value) and "delete" in str(info.value)
+
+
+def test_fewshot_cache_of_another_dataset_is_refused(tmp_path):
+    items = uneven_items(tmp_path)
+    names = ["c0", "c1", "c2", "c3"]
+    path = fewshot_path(tmp_path, 1, 1)
+    cases = [
+        ([Datum(items[0].impath, 7, "c7")], "label 7, outside 0..3"),
+        ([Datum(items[0].impath, 2, "dog")], "names class 2 'dog'"),
+        ([Datum("/elsewhere/2/0.jpg", 2, "c2")], "not inside the dataset folder"),
+    ]
+    for records, match in cases:
+        write_datum_splits(path, {"train": records})
+        with pytest.raises(ValueError, match=match) as info:
+            load_or_create_fewshot(tmp_path, items, None, 1, 1, names)
+        assert str(path) in str(info.value) and "delete" in str(info.value)
+    write_datum_splits(path, {"train": [items[0]]})  # a record of this dataset is accepted
+    assert load_or_create_fewshot(tmp_path, items, None, 1, 1, names)[0] == [items[0]]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('{"train": [["a.jpg", 0, "a"]], "val": [], ', "not a valid JSON split file"),
+    ('{"train": [["a.jpg", "zero", "a"]], "val": [], "test": []}', "label 'zero'"),
+    ('{"train": [["a.jpg", 0.5, "a"]], "val": [], "test": []}', "label 0.5"),
+])
+def test_malformed_split_file_names_the_file(tmp_path, text, match):
+    from dpt_fast.data.readers import read_coop_split
+
+    (tmp_path / "images").mkdir()
+    split = tmp_path / "split.json"
+    split.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        read_coop_split(split, tmp_path / "images")
+    assert str(split) in str(info.value)

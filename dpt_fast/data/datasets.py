@@ -242,7 +242,8 @@ def build_dataset(name: str, root: str | os.PathLike[str], shots: int = -1, seed
     if spec.test_only:
         return DatasetSplits(name, classnames, spec.template, [], [], raw.test)
 
-    train, val = load_or_create_fewshot(dataset_dir, raw.train, raw.val, shots, seed)
+    train, val = load_or_create_fewshot(dataset_dir, raw.train, raw.val, shots, seed,
+                                        classnames)
     return _finish(name, spec.template, classnames, train, val, raw.test, subsample)
 
 

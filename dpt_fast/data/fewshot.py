@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
-from dpt_fast.data.pickling import read_datum_splits, write_datum_splits
+from dpt_fast.data.pickling import RefusedGlobal, read_datum_splits, write_datum_splits
 from dpt_fast.data.records import Datum
 
 # CoOp samples at most this many validation images per class (``min(num_shots, 4)``).
@@ -120,6 +120,7 @@ def load_or_create_fewshot(
     val: Sequence[Datum] | None,
     shots: int,
     seed: int,
+    classnames: Sequence[str] | None = None,
 ) -> tuple[list[Datum], list[Datum] | None]:
     """Read the cached few-shot selection, or draw it and cache it, as CoOp's datasets do.
 
@@ -130,18 +131,31 @@ def load_or_create_fewshot(
     ImageNet). Caching is an optimisation: if the directory is not writable the draw is used
     with a warning (it is a pure function of the inputs and the seed).
 
-    Note: the records hold absolute image paths, as Dassl's do; a cache copied from another
-    machine keeps that machine's paths.
+    A cached file must belong to this dataset: readable, every label in range, its class name
+    the dataset's (``classnames``, when given) and its image inside ``dataset_dir``. The
+    records hold absolute image paths, as Dassl's do, so a cache copied from another machine
+    or written before the data moved fails the last check.
 
     Returns:
         ``(train, val)``; with ``shots < 1`` the inputs unchanged (no file is read or written).
+
+    Raises:
+        ValueError: the cached file is unreadable or does not belong to this dataset; the
+            message names it and says that deleting it makes the next run draw it again.
     """
     if shots < 1:
         return list(train), None if val is None else list(val)
     path = fewshot_path(dataset_dir, shots, seed)
     keys = ("train",) if val is None else ("train", "val")
     if path.is_file():
-        cached = read_datum_splits(path, keys)
+        try:
+            cached = read_datum_splits(path, keys)
+            for key in keys:
+                check_records_belong(cached[key], dataset_dir, classnames, f"{path} [{key}]")
+        except (ValueError, RefusedGlobal) as err:
+            # Same type (a refused global stays an UnpicklingError), with the fix added.
+            raise type(err)(f"{err}; delete {path} and the next run draws and caches the "
+                            "few-shot split again") from None
         return cached["train"], cached.get("val")
     train_fs, val_fs = sample_fewshot_splits(train, val, shots, seed)
     splits = {"train": train_fs} if val_fs is None else {"train": train_fs, "val": val_fs}
@@ -150,6 +164,25 @@ def load_or_create_fewshot(
     except OSError as exc:
         warnings.warn(f"could not cache the few-shot split at {path}: {exc}", stacklevel=2)
     return train_fs, val_fs
+
+
+def check_records_belong(items: Sequence[Datum], dataset_dir: str | os.PathLike[str],
+                         classnames: Sequence[str] | None, source: str) -> None:
+    """Raise ValueError (naming ``source``) unless every record's label is in range, its class
+    name is the dataset's for that label, and its image lies inside ``dataset_dir``."""
+    folder = os.path.abspath(dataset_dir)
+    for index, item in enumerate(items):
+        if classnames is not None:
+            if not 0 <= item.label < len(classnames):
+                raise ValueError(f"{source}: record {index} has label {item.label}, outside "
+                                 f"0..{len(classnames) - 1} of this dataset")
+            if item.classname != classnames[item.label]:
+                raise ValueError(f"{source}: record {index} names class {item.label} "
+                                 f"{item.classname!r}, this dataset {classnames[item.label]!r}")
+        path = os.path.abspath(item.impath)
+        if os.path.commonpath([folder, path]) != folder:
+            raise ValueError(f"{source}: record {index}'s image {item.impath} is not inside "
+                             f"the dataset folder {folder}")
 
 
 def select_subsample_labels(labels: Sequence[int], subsample: Subsample) -> list[int]:

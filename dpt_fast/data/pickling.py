@@ -53,6 +53,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], type] = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global that :class:`RestrictedUnpickler` does not allow."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only Datum classes and plain builtin types.
 
@@ -69,7 +73,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED_GLOBALS.get((module, name))
         if allowed is None:
-            raise pickle.UnpicklingError(
+            raise RefusedGlobal(
                 f"refused to unpickle global '{module}.{name}' from {self._source}: only "
                 f"Datum records ({DASSL_DATUM_MODULE}.{DASSL_DATUM_NAME}, "
                 f"{Datum.__module__}.{Datum.__qualname__}) and plain builtin containers are "
@@ -92,11 +96,22 @@ def read_datum_splits(path: str | os.PathLike[str], keys: Iterable[str]) -> dict
 
     Raises:
         pickle.UnpicklingError: the file names a global other than a Datum or a builtin type.
-        ValueError: the file is not a dict holding a list of Datum under each key.
+        ValueError: the file is empty, truncated or not a pickle, or not a dict holding a list
+            of Datum under each key.
     """
     path = Path(path)
     with path.open("rb") as file:
-        obj = RestrictedUnpickler(file, str(path)).load()
+        try:
+            obj = RestrictedUnpickler(file, str(path)).load()
+        except RefusedGlobal:
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
+                KeyError, AttributeError, struct.error) as err:
+            # What a corrupt stream raises depends on where it breaks: all mean "not readable".
+            state = ("empty" if path.stat().st_size == 0
+                     else "corrupt (truncated, or not a pickle of Datum lists)")
+            raise ValueError(f"{path}: the file is {state} ({type(err).__name__}: "
+                             f"{err})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of Datum lists, got {type(obj).__name__}")
     out = {}

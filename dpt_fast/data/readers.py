@@ -128,8 +128,12 @@ def read_coop_split(
     with paths relative to ``image_dir`` (CoOp's ``OxfordPets.read_split``)."""
     require_file(split_file)
     require_dir(image_dir)
-    with split_file.open(encoding="utf-8") as file:
-        split = json.load(file)
+    try:
+        with split_file.open(encoding="utf-8") as file:
+            split = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{split_file}: not a valid JSON split file ({err}); restore it from "
+                         "the dataset's download (see CoOp's DATASETS.md)") from None
     if not isinstance(split, dict):
         raise ValueError(f"{split_file}: expected an object with keys {SPLIT_NAMES}")
     out = {}
@@ -152,9 +156,12 @@ def _split_entry(entry: object, index: int, split: str, split_file: Path, image_
     relpath, label, classname = entry
     if not isinstance(relpath, str) or not isinstance(classname, str):
         raise ValueError(f"{split_file}: {split}[{index}] has a non-string path or class name")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"{split_file}: {split}[{index}] has the label {label!r}; labels must "
+                         "be integers")
     if rename is not None:
         classname = rename(classname)
-    return Datum(os.path.join(image_dir, relpath), int(label), classname)
+    return Datum(os.path.join(image_dir, relpath), label, classname)
 
 
 def read_fgvc_aircraft(dataset_dir: Path) -> RawSplits:

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from dpt_fast.data.pickling import atomic_write_bytes
+from dpt_fast.files import atomic_write_bytes, json_dumps
 
 METADATA_KEY = "dpt_fast"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
         **info,
     }
     # Temporary file, fsync, rename: neither a crash nor a power loss leaves a torn checkpoint.
-    atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
+    atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: json_dumps(meta)}))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

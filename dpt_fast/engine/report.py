@@ -11,6 +11,7 @@ from pathlib import Path
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import REPEAT, REPORT_KEY, RESUMABLE, defaults, fields_with
 from dpt_fast.engine.config import TrainConfig
+from dpt_fast.files import write_json
 
 # Fields that do not change what a run measures (where it ran, how it loaded data, its seed):
 # runs that differ only in these are repetitions of one experiment.
@@ -61,16 +62,50 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_run_results(path: Path) -> dict | str:
+    """The results of a training run in ``path``, or why the file is not one (a string)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        return "not the results of a training run (no 'config')"
+    test = results.get("test")
+    if not isinstance(test, dict) or not _number(test.get("accuracy")) \
+            or not _number(test.get("macro_f1")):
+        return "no test accuracy in it"
+    if "test_new" in results and not (isinstance(results["test_new"], dict)
+                                      and _number(results["test_new"].get("accuracy"))
+                                      and _number(results.get("harmonic_mean"))):
+        return "incomplete new-class results"
+    return results
+
+
 def report_runs(root: Path, out: Path | None = None) -> str:
     """A markdown table with one row per experiment: (dataset, method, shots, classes, backbone)
     and, where runs with those differ in other settings (lr, epochs, ...), one row per setting,
-    labelled with the settings that differ. Repeated seeds are flagged under the table."""
+    labelled with the settings that differ. Repeated seeds are flagged under the table; files
+    named results.json that are not a run's results (unreadable, or e.g. the demo's summary)
+    are skipped and listed.
+
+    Raises:
+        NotADirectoryError: ``root`` is not a folder.
+        ValueError: no run results under ``root``.
+    """
     if not root.is_dir():
-        raise SystemExit(f"dpt-fast report: not a folder: {root}")
+        raise NotADirectoryError(f"report: not a folder: {root}")
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     seeds: dict[tuple, list] = defaultdict(list)
+    skipped: list[str] = []
     for path in sorted(root.rglob("results.json")):
-        results = json.loads(path.read_text())
+        results = read_run_results(path)
+        if isinstance(results, str):
+            skipped.append(f"- {path}: {results}")
+            continue
         key = (*_key(results), json.dumps(_settings(results), sort_keys=True))
         seeds[key].append(results.get("config", {}).get("seed"))
         groups[key]["accuracy"].append(results["test"]["accuracy"])
@@ -79,7 +114,8 @@ def report_runs(root: Path, out: Path | None = None) -> str:
             groups[key]["new_accuracy"].append(results["test_new"]["accuracy"])
             groups[key]["harmonic_mean"].append(results["harmonic_mean"])
     if not groups:
-        raise SystemExit(f"dpt-fast report: no results.json under {root}")
+        found = f"; skipped: {'; '.join(s[2:] for s in skipped)}" if skipped else ""
+        raise ValueError(f"report: no results of a training run under {root}{found}")
     signatures: dict[tuple, list[str]] = defaultdict(list)
     for key in groups:
         signatures[key[:-1]].append(key[-1])
@@ -102,6 +138,8 @@ def report_runs(root: Path, out: Path | None = None) -> str:
         if repeated:
             notes.append(f"- {row['dataset']} {row['method']}: seed(s) {repeated} appear more "
                          "than once (copied runs?); each copy is counted")
+    if skipped:
+        notes += ["", f"Skipped {len(skipped)} file(s) that are not a run's results:", *skipped]
     if out is not None:
-        out.write_text(json.dumps(summary, indent=2))
+        write_json(out, summary)
     return "\n".join(lines + (["", *notes] if notes else []))

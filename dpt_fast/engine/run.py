@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import open_clip
@@ -31,11 +33,19 @@ from dpt_fast.data import (
 from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.device import autocast_dtype, resolve_device
-from dpt_fast.engine.distributed import close_distributed, init_distributed
+from dpt_fast.engine.distributed import barrier, close_distributed, init_distributed
 from dpt_fast.engine.evaluation import evaluate
 from dpt_fast.engine.metrics import harmonic_mean
+from dpt_fast.engine.run_folder import (
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    RESULTS_FILE,
+    FolderLock,
+    check_folder_flags,
+    prepare_run_folder,
+)
 from dpt_fast.engine.seeding import seed_all
-from dpt_fast.engine.trainer import LAST_CHECKPOINT, Trainer
+from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
 
@@ -133,20 +143,80 @@ def _join_process_group(device_name: str):
     return init_distributed(torch.device("cuda" if wants_cuda else "cpu"))
 
 
-def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure files can be written in it, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write to the output folder {folder} "
+                              f"({err.strerror or err}); choose another --output-dir") from None
+
+
+def _data_summary(config: TrainConfig, splits: DatasetSplits) -> dict:
+    """Sizes of the data a run uses, and the shots it really gets: a class with fewer
+    training images than ``shots`` keeps all of them (Dassl's rule)."""
+    per_class = Counter(item.label for item in splits.train)
+    counts = [per_class.get(label, 0) for label in range(splits.num_classes)]
+    return {"classes": splits.num_classes, "train_images": len(splits.train),
+            "val_images": len(splits.val), "test_images": len(splits.test),
+            "shots": config.shots, "effective_shots_min": min(counts, default=0),
+            "effective_shots_max": max(counts, default=0)}
+
+
+def _log_start(config: TrainConfig, data: dict, device: torch.device) -> None:
+    """One line that says what the run is about to do."""
+    shots = "all" if config.shots < 1 else str(config.shots)
+    if config.shots >= 1 and data["effective_shots_min"] < config.shots:
+        shots += f" (effective {data['effective_shots_min']}-{data['effective_shots_max']})"
+    precision = autocast_dtype(config.precision, device)
+    log.info("%s: %d classes, %d train / %d val / %d test images, shots %s | %s (%s) | %s | %s",
+             config.dataset, data["classes"], data["train_images"], data["val_images"],
+             data["test_images"], shots, config.backbone, config.pretrained, device,
+             "fp32" if precision is None else f"{str(precision).removeprefix('torch.')} autocast")
+    if config.shots >= 1 and data["effective_shots_min"] < config.shots:
+        log.warning("some classes have fewer than %d training images: they keep all of theirs "
+                    "(%d to %d per class)", config.shots, data["effective_shots_min"],
+                    data["effective_shots_max"])
+
+
+def train_run(config: TrainConfig, template_explicit: bool = False, *,
+              overwrite: bool = False) -> dict:
     """Train on ``config.dataset`` and evaluate on its test split (base and new classes for
-    subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir."""
+    subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir.
+
+    An output folder that holds a run is refused unless ``config.resume`` (continue it) or
+    ``overwrite`` (remove its files first); the folder is locked while the run writes it.
+    Everything that can be checked before training (data, classes, the folder) is.
+    """
+    check_folder_flags(config.resume, overwrite)
     info = _join_process_group(config.device)
+    output_dir = Path(config.output_dir)
+    lock = FolderLock(output_dir)
     try:
         device = resolve_device(config.device, info)
-        output_dir = Path(config.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            _check_writable(output_dir)
+            lock.acquire()
+            prepare_run_folder(output_dir, resume=config.resume, overwrite=overwrite)
+        barrier(info)
         splits = load_splits(config.dataset, config.root, config.shots, config.seed,
                              config.subsample)
         if not splits.train:
             raise ValueError(f"{config.dataset} has no training images under {config.root} "
                              "(test-only datasets such as imagenet_r are for `dpt-fast eval` "
                              "of a checkpoint trained elsewhere)")
+        new = None
+        if config.subsample == "base":
+            new = load_splits(config.dataset, config.root, config.shots, config.seed, "new")
+            if not new.classnames or not new.test:
+                raise ValueError(
+                    f"--subsample base: {config.dataset} under {config.root} has "
+                    f"{splits.num_classes} class(es), which leaves no new classes to evaluate; "
+                    "use --subsample all")
+        data = _data_summary(config, splits)
+        _log_start(config, data, device)
         model_config = _model_config(config, splits, template_explicit)
         clip = load_clip(config.backbone, config.pretrained, device)
         seed_all(config.seed)  # same prompt initialisation on every process
@@ -156,27 +226,27 @@ def train_run(config: TrainConfig, template_explicit: bool = False) -> dict:
                                                                 image_size=image_size))
         run_config = dataclasses.replace(config, model=model_config)
         trainer = Trainer(model, run_config, train_set, device, info, output_dir)
-        if config.resume:
+        if config.resume and trainer.checkpoint_path().is_file():
             trainer.resume()
         if info.is_main:
-            write_json(output_dir / "config.json", config_to_dict(run_config))
+            write_json(output_dir / CONFIG_FILE, config_to_dict(run_config))
         history = trainer.fit(
             lambda: _eval_split(model, splits, run_config, device, info, "test"))
         results = {"config": config_to_dict(run_config), "dataset": config.dataset,
-                   "classes": splits.classnames, "history": history}
+                   "classes": splits.classnames, "data": data, "history": history}
         results["test"] = _eval_split(model, splits, run_config, device, info, "test")
-        if config.subsample == "base":
-            new = load_splits(config.dataset, config.root, config.shots, config.seed, "new")
+        if new is not None:
             new_model = DPT(clip, new.classnames, model_config)
             load_for_classes(new_model, model.state_dict())
             results["test_new"] = _eval_split(new_model, new, run_config, device, info, "new")
             results["harmonic_mean"] = harmonic_mean(results["test"]["accuracy"],
                                                      results["test_new"]["accuracy"])
         if info.is_main:
-            write_json(output_dir / "results.json", results)
+            write_json(output_dir / RESULTS_FILE, results)
             log.info("test accuracy %.2f%%", results["test"]["accuracy"])
         return results
     finally:
+        lock.release()
         close_distributed()
 
 
@@ -220,6 +290,9 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
     info = _join_process_group(config.device)
     try:
         device = resolve_device(config.device, info)
+        out = Path(config.output_dir)
+        if info.is_main:
+            _check_writable(out)
         state = None
         template_explicit = "template" in explicit
         if checkpoint is not None:
@@ -243,8 +316,6 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
         results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
                    "test": report}
         if info.is_main:
-            out = Path(config.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
             write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
         return results
     finally:

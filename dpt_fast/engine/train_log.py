@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpt_fast.engine.run_folder import TRAIN_LOG
 from dpt_fast.files import atomic_write_bytes, json_dumps
 
-TRAIN_LOG = "train_log.jsonl"
+__all__ = ["TRAIN_LOG", "append_record", "read_history", "repair_log"]
 
 
 def append_record(path: Path, record: dict) -> None:

@@ -24,15 +24,17 @@ from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier
+from dpt_fast.engine.run_folder import LAST_CHECKPOINT, TRAIN_LOG
 from dpt_fast.engine.sampler import GlobalBatchSampler
 from dpt_fast.engine.schedule import build_scheduler
 from dpt_fast.engine.seeding import SeededSamples
-from dpt_fast.engine.train_log import TRAIN_LOG, append_record, read_history, repair_log
+from dpt_fast.engine.train_log import append_record, read_history, repair_log
+from dpt_fast.errors import TrainingDiverged
 from dpt_fast.loss import layer_hits
 
 log = logging.getLogger("dpt_fast")
 
-LAST_CHECKPOINT = "checkpoint-last.safetensors"
+__all__ = ["LAST_CHECKPOINT", "EpochStats", "Trainer"]
 
 
 @dataclass
@@ -83,20 +85,20 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.output_dir / LAST_CHECKPOINT
 
-    def save(self, epoch: int, stats: EpochStats) -> None:
+    def save(self, epoch: int, record: dict) -> None:
+        """Checkpoint after ``epoch`` (0-based); ``record`` is the epoch's log record, kept in
+        the checkpoint so that a resume can restore it if the log lost it."""
         if not self.info.is_main:
             return
         ckpt.save_checkpoint(
             self.checkpoint_path(), model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
             info={"config": config_to_dict(self.config), "classnames": self.model.classnames,
-                  "train_stats": vars(stats)},
+                  "train_stats": record},
         )
 
     def resume(self) -> None:
         path = self.checkpoint_path()
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         tensors, meta = ckpt.read_checkpoint(path)
         changed = config_diff(TrainConfig, meta["config"], config_to_dict(self.config),
                               skip_roles=(RESUMABLE,))
@@ -109,7 +111,8 @@ class Trainer:
         self.model.load_state_dict(ckpt.model_state(tensors))
         self.start_epoch = ckpt.restore_training_state(
             tensors, meta, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
-        # The last epoch's record, should the crash have come before it reached the log.
+        # The last epoch's record (with its test accuracy when it was evaluated), should the
+        # crash have come before it reached the log.
         self._checkpoint_record = {"epoch": self.start_epoch, **meta.get("train_stats", {})}
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
@@ -133,7 +136,7 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=not self.info.is_main, leave=False, dynamic_ncols=True)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
@@ -141,6 +144,7 @@ class Trainer:
                 loss = self.model.loss(out, labels, epoch,
                                        layer_denominator=self._layer_denominator(out, labels),
                                        batch_weight=self.sampler.batch_weight(len(labels)))
+            self._check_finite(loss, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -162,6 +166,21 @@ class Trainer:
         loss_sum, correct, seen = sums.tolist()
         return EpochStats(loss=loss_sum / max(seen, 1), accuracy=100 * correct / max(seen, 1),
                           images_per_s=seen / (time.perf_counter() - start), lr=lrs)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Stop before a non-finite loss reaches the prompts (on every process at once).
+
+        The checkpoint of the last finished epoch stays as it is: the last good state.
+        """
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if all_reduce_sum(bad, self.info).item() == 0:
+            return
+        last = (f"the last good state is the checkpoint of epoch {epoch} "
+                f"({self.checkpoint_path()})" if epoch > 0 else "no epoch finished")
+        raise TrainingDiverged(
+            f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, step "
+            f"{step + 1}/{len(self.sampler)}; {last}. Lower --lr / --text-lr (or raise "
+            "--warmup-epochs) and start again with --overwrite")
 
     def _layer_denominator(self, out, labels) -> torch.Tensor | None:
         """The global hit count / processes, so DDP's mean of gradients is the global mean."""
@@ -190,11 +209,13 @@ class Trainer:
         every = self.config.eval_every
         for epoch in range(self.start_epoch, self.config.epochs):
             stats = self.train_epoch(epoch)
-            self.save(epoch, stats)
             record = {"epoch": epoch + 1, **vars(stats)}
             if evaluate_fn is not None and every > 0 and (epoch + 1) % every == 0 \
                     and epoch + 1 < self.config.epochs:
+                # Before the checkpoint, which keeps the record: a crash after the checkpoint
+                # write cannot lose the evaluation, a crash before it repeats the epoch.
                 record["test_accuracy"] = evaluate_fn()["accuracy"]
+            self.save(epoch, record)
             barrier(self.info)
             if self.info.is_main:
                 log.info("epoch %d/%d loss %.4f acc %.2f %.1f img/s%s", epoch + 1,

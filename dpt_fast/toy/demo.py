@@ -91,7 +91,7 @@ def run_method(config) -> dict:
     from dpt_fast.engine.run import train_run
 
     start = time.perf_counter()
-    results = train_run(config, template_explicit=True)
+    results = train_run(config, template_explicit=True, overwrite=True)
     wall = time.perf_counter() - start
     history = results["history"]
     train_images = config.shots * len(results["classes"])

@@ -1,0 +1,11 @@
+"""Exceptions of dpt_fast that are neither bad input (``ValueError`` and friends) nor bugs."""
+
+from __future__ import annotations
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the output folder's lock."""

@@ -1,0 +1,333 @@
+"""The ``dpt-fast`` console script as a user meets it when something is wrong: one line
+``dpt-fast: error: ...`` naming the file or flag and the fix, exit status 2 for bad input and 1
+for a failure while running, no traceback; and runs that are never lost or faked.
+
+Every probe runs the installed console script in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import make_split_dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dpt_fast.data.fewshot import fewshot_path
+from dpt_fast.data.pickling import write_datum_splits
+from dpt_fast.data.records import Datum
+from dpt_fast.engine import checkpoint as ckpt
+
+DPT_FAST = shutil.which("dpt-fast", path=str(Path(sys.executable).parent)) or "dpt-fast"
+CHECKPOINT = "checkpoint-last.safetensors"
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``dpt-fast ARGS`` (one thread: the probes are tiny) and capture its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([DPT_FAST, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def error_line(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single error line of a failed command (asserting its status and no traceback)."""
+    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dpt-fast:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def train_args(clip_files, root: Path, out: Path, *extra: str, dataset: str = "folder",
+               epochs: int = 1) -> list[str]:
+    config, weights = clip_files
+    return ["train", "--dataset", dataset, "--root", str(root), "--shots", "-1",
+            "--backbone", config, "--pretrained", weights, "--epochs", str(epochs),
+            "--batch-size", "6", "--num-workers", "0", "--warmup-epochs", "0",
+            "--text-warmup-epochs", "0", "--lr", "0.05", "--text-lr", "0.05",
+            "--device", "cpu", "--output-dir", str(out), "--n-text-ctx", "4",
+            "--cavpt-top-k", "2", *extra]
+
+
+# --- flags and config files: refused before any work, without importing torch ----------------
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--text-lr", "inf"], "--text-lr must be a finite number > 0, got inf"),
+    (["--template", "a {} photo of {}"], "--template must contain '{}' exactly once"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    (["--resume", "--overwrite"], "give only one of them"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
+    result = cli("train", "--output-dir", str(tmp_path / "run"), *flags)
+    line = error_line(result, 2)
+    assert line.startswith("dpt-fast: error: ") and message in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("epochs: 3\nlr: [0.1\nseed: 2\n")
+    line = error_line(cli("train", "--config", str(bad)), 2)
+    assert f"{bad}: invalid YAML at line" in line and "<unicode string>" not in line
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    # `dpt-fast --help` and flag errors answer without the seconds torch + open_clip take.
+    code = ("import sys, dpt_fast.cli as c; p = c.build_parser(); "
+            "c.resolve_config(p.parse_args(['train'])); "
+            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --- data that does not fit -------------------------------------------------------------------
+
+@pytest.fixture
+def dtd_root(tmp_path) -> Path:
+    """A 3-class dataset in CoOp's DTD layout."""
+    make_split_dataset(tmp_path / "data", "dtd")
+    return tmp_path / "data"
+
+
+def _split_file(root: Path) -> Path:
+    return root / "dtd" / "split_zhou_DescribableTextures.json"
+
+
+def test_malformed_split_json_names_the_file(clip_files, dtd_root, tmp_path):
+    split = _split_file(dtd_root)
+    split.write_text(split.read_text()[:-20])
+    line = error_line(cli(*train_args(clip_files, dtd_root, tmp_path / "run", dataset="dtd")), 2)
+    assert str(split) in line and "not a valid JSON split file" in line
+
+
+def test_non_integer_label_names_the_file(clip_files, dtd_root, tmp_path):
+    split = _split_file(dtd_root)
+    data = json.loads(split.read_text())
+    data["train"][0][1] = "one"
+    split.write_text(json.dumps(data))
+    line = error_line(cli(*train_args(clip_files, dtd_root, tmp_path / "run", dataset="dtd")), 2)
+    assert str(split) in line and "train[0] has the label 'one'" in line
+
+
+@pytest.mark.parametrize(("content", "state"), [(b"", "empty"), (None, "corrupt")])
+def test_broken_fewshot_cache_names_the_file_and_the_fix(clip_files, dtd_root, tmp_path,
+                                                         content, state):
+    args = train_args(clip_files, dtd_root, tmp_path / "run", dataset="dtd")
+    args[args.index("--shots") + 1] = "1"
+    path = fewshot_path(dtd_root / "dtd", 1, 1)
+    path.parent.mkdir()
+    valid = {"train": [Datum(str(dtd_root / "dtd" / "images" / "x.jpg"), 0, "banded")],
+             "val": []}
+    path.write_bytes(content if content is not None else pickle.dumps(valid)[:25])
+    line = error_line(cli(*args), 2)
+    assert str(path) in line and state in line and "delete" in line
+
+
+def test_fewshot_cache_of_another_dataset_is_refused(clip_files, dtd_root, tmp_path):
+    args = train_args(clip_files, dtd_root, tmp_path / "run", dataset="dtd")
+    args[args.index("--shots") + 1] = "1"
+    path = fewshot_path(dtd_root / "dtd", 1, 1)
+    image = str(dtd_root / "dtd" / "images" / "banded" / "banded_train0000.jpg")
+    write_datum_splits(path, {"train": [Datum(image, 9, "banded")], "val": []})
+    line = error_line(cli(*args), 2)
+    assert str(path) in line and "label 9, outside 0..2" in line
+
+
+def test_class_names_that_tokenise_alike_are_refused(clip_files, tmp_path):
+    root = tmp_path / "folder"
+    for name in ("Red_Plain  square", "red plain square"):
+        (root / "train" / name).mkdir(parents=True)
+        shutil.copy(_any_png(tmp_path), root / "train" / name / "0.png")
+    line = error_line(cli(*train_args(clip_files, root, tmp_path / "run")), 2)
+    assert "'Red_Plain  square'" in line and "same prompt tokens" in line
+
+
+def _any_png(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "grey.png"
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(path)
+    return path
+
+
+def test_base_subsample_without_new_classes_is_refused_before_training(clip_files, tmp_path):
+    root = tmp_path / "data"
+    make_split_dataset(root, "dtd")
+    split = _split_file(root)
+    data = json.loads(split.read_text())
+    split.write_text(json.dumps({k: [e for e in v if e[1] == 0] for k, v in data.items()}))
+    out = tmp_path / "run"
+    line = error_line(cli(*train_args(clip_files, root, out, "--subsample", "base",
+                                      dataset="dtd")), 2)
+    assert "leaves no new classes" in line and not (out / CHECKPOINT).exists()
+
+
+def test_eval_into_an_unwritable_folder_is_refused_first(clip_files, colour_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config, weights = clip_files
+    result = cli("eval", "--official-dir", str(tmp_path), "--dataset", "folder", "--root",
+                 str(colour_folder), "--backbone", config, "--pretrained", weights,
+                 "--device", "cpu", "--output-dir", str(blocker / "out"))
+    assert "cannot write to the output folder" in error_line(result, 2)
+
+
+def test_garbage_official_checkpoint_is_not_loadable(clip_files, colour_folder, tmp_path):
+    for part in ("prompt_learner", "VPT_prompt_learner", "extractor"):
+        (tmp_path / "official" / part).mkdir(parents=True)
+        (tmp_path / "official" / part / "model-best.pth.tar").write_bytes(b"\x00garbage")
+    config, weights = clip_files
+    line = error_line(cli("eval", "--official-dir", str(tmp_path / "official"), "--dataset",
+                          "folder", "--root", str(colour_folder), "--backbone", config,
+                          "--pretrained", weights, "--device", "cpu", "--n-text-ctx", "4",
+                          "--cavpt-top-k", "2", "--output-dir", str(tmp_path / "eval")), 2)
+    assert "is not loadable as the authors' checkpoint" in line
+    assert "weights_only" not in line
+
+
+# --- runs: never clobbered, never faked ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(clip_files, colour_folder, tmp_path_factory) -> Path:
+    """A finished 1-epoch run (its folder must not be changed by the tests that use it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli(*train_args(clip_files, colour_folder, out)).returncode == 0
+    return out
+
+
+def test_folder_holding_a_run_is_refused_without_resume_or_overwrite(
+        clip_files, colour_folder, finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = error_line(cli(*train_args(clip_files, colour_folder, out, "--lr", "0.01")), 2)
+    assert "holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    # --overwrite removes the old run's files first: no stale results under new settings.
+    (out / "results.json").write_text('{"stale": true}')
+    assert cli(*train_args(clip_files, colour_folder, out, "--lr", "0.01",
+                           "--overwrite")).returncode == 0
+    assert json.loads((out / "results.json").read_text())["config"]["lr"] == 0.01
+
+
+def test_resume_without_a_checkpoint_is_refused(clip_files, colour_folder, tmp_path):
+    line = error_line(cli(*train_args(clip_files, colour_folder, tmp_path / "run",
+                                      "--resume")), 2)
+    assert "--resume: no run in" in line
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(
+        clip_files, colour_folder, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".dpt-fast.lock"
+    import socket
+
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    line = error_line(cli(*train_args(clip_files, colour_folder, out)), 1)
+    assert "being written by another dpt-fast process" in line and str(os.getpid()) in line
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert cli(*train_args(clip_files, colour_folder, out)).returncode == 0
+    assert not lock.exists()  # released at the end
+
+
+def test_orphan_temporary_files_are_removed_at_the_next_start(
+        clip_files, colour_folder, finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    orphan = out / f".{CHECKPOINT}.x1y2z3.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    assert cli(*train_args(clip_files, colour_folder, out, "--resume")).returncode == 0
+    assert not orphan.exists()
+
+
+def test_divergence_stops_the_run_with_an_error(clip_files, colour_folder, tmp_path):
+    out = tmp_path / "run"
+    result = cli(*train_args(clip_files, colour_folder, out, "--lr", "1e30", "--text-lr",
+                             "1e30", epochs=2))
+    line = error_line(result, 1)
+    assert "training diverged" in line and "at epoch 1, step" in line
+    assert not (out / "results.json").exists()
+    assert not (out / CHECKPOINT).exists()  # no good epoch finished: nothing saved
+    def strict(constant: str):
+        pytest.fail(f"bare {constant} in a JSON file of {out}")
+
+    for path in out.glob("*.json*"):  # whatever was written is valid JSON
+        texts = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+        for text in texts:
+            json.loads(text, parse_constant=strict)
+
+
+def test_checkpoint_with_nan_is_refused_by_eval(clip_files, colour_folder, finished_run,
+                                                tmp_path):
+    path = tmp_path / CHECKPOINT
+    with safe_open(str(finished_run / CHECKPOINT), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.text_prompts.ctx"][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    line = error_line(cli("eval", "--checkpoint", str(path), "--dataset", "folder", "--root",
+                          str(colour_folder), "--device", "cpu", "--num-workers", "0",
+                          "--output-dir", str(tmp_path / "eval")), 2)
+    assert "text_prompts.ctx holds NaN or infinite values" in line
+
+
+def test_start_line_says_what_runs_and_open_clip_logs_stay_quiet(finished_run, clip_files,
+                                                                colour_folder, tmp_path):
+    result = cli(*train_args(clip_files, colour_folder, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    start = [line for line in result.stderr.splitlines() if "3 classes" in line]
+    assert start and "train /" in start[0] and "shots all" in start[0] and "cpu" in start[0]
+    assert "fp32" in start[0] and "tiny-test-clip" in start[0]
+    assert "root INFO" not in result.stderr  # open_clip's loading messages (shown with -v)
+    verbose = cli("-v", *train_args(clip_files, colour_folder, tmp_path / "run2"))
+    assert "root INFO" in verbose.stderr
+
+
+def test_report_skips_and_lists_files_that_are_not_run_results(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "demo").mkdir()
+    (tmp_path / "runs" / "demo" / "results.json").write_text(
+        json.dumps({"zero_shot_accuracy": 40.0, "methods": []}))
+    (tmp_path / "runs" / "torn").mkdir()
+    (tmp_path / "runs" / "torn" / "results.json").write_text('{"config": {"seed"')
+    result = cli("report", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert "| folder | dpt |" in result.stdout
+    assert "Skipped 2 file(s)" in result.stdout
+    assert "demo/results.json: not the results of a training run" in result.stdout
+    assert "torn/results.json: unreadable" in result.stdout
+
+
+def test_checkpoint_files_are_strict_json(finished_run):
+    _, meta = ckpt.read_checkpoint(finished_run / CHECKPOINT)
+    assert meta["train_stats"]["epoch"] == 1  # the epoch's whole record is kept
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["data"]["classes"] == 3 and results["data"]["train_images"] == 18
+    assert torch.isfinite(torch.tensor(results["history"][0]["loss"]))
+
+
+def test_shots_beyond_the_images_available_are_said_and_recorded(clip_files, colour_folder,
+                                                                 tmp_path):
+    args = train_args(clip_files, colour_folder, tmp_path / "run")
+    args[args.index("--shots") + 1] = "50"
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fewer than 50 training images" in result.stderr
+    data = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
+    assert data["shots"] == 50 and data["effective_shots_max"] < 50
