@@ -95,11 +95,11 @@ SPLIT_LAYOUTS: dict[str, SplitLayout] = {
         ("blotchy", "blotchy", "blotchy/blotchy_{split}{i:04d}.jpg"),
         ("braided", "braided", "braided/braided_{split}{i:04d}.jpg"),
     )),
-    # Folder names in the split file: the reader must apply CoOp's EuroSAT names.
+    # Folder names in the split file: kept as they are, as CoOp keeps them.
     "eurosat": SplitLayout("eurosat", "2750", "split_zhou_EuroSAT.json", (
-        ("AnnualCrop", "Annual Crop Land", "AnnualCrop/AnnualCrop_{split}{i}.jpg"),
+        ("AnnualCrop", "AnnualCrop", "AnnualCrop/AnnualCrop_{split}{i}.jpg"),
         ("Forest", "Forest", "Forest/Forest_{split}{i}.jpg"),
-        ("SeaLake", "Sea or Lake", "SeaLake/SeaLake_{split}{i}.jpg"),
+        ("SeaLake", "SeaLake", "SeaLake/SeaLake_{split}{i}.jpg"),
     )),
     "ucf101": SplitLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", (
         ("Apply_Eye_Makeup", "Apply_Eye_Makeup",

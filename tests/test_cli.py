@@ -278,8 +278,8 @@ def test_base_to_new_and_cross_dataset(clip_files, tmp_path, capsys):
     args[args.index("-1")] = "2"  # 2 shots
     assert main([*args, "--subsample", "base"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["classes"] == ["Annual Crop Land", "Forest"]  # base: first ceil(3/2)
-    assert set(results["test_new"]["per_class_accuracy"]) == {"Sea or Lake"}
+    assert results["classes"] == ["AnnualCrop", "Forest"]  # base: first ceil(3/2)
+    assert set(results["test_new"]["per_class_accuracy"]) == {"SeaLake"}
     a, b = results["test"]["accuracy"], results["test_new"]["accuracy"]
     assert results["harmonic_mean"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
     assert "H:" in capsys.readouterr().out

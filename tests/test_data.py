@@ -447,14 +447,29 @@ def test_reader_matches_layout(tmp_path, name):
     assert not (tmp_path / DATASETS[name].folder / "split_fewshot").exists()
 
 
-def test_eurosat_split_with_new_names_is_unchanged(tmp_path):
-    expected = make_split_dataset(tmp_path, "eurosat")
+@pytest.mark.parametrize("names", ["folders", "coop"])
+def test_eurosat_keeps_the_class_names_of_its_split_file(tmp_path, caplog, names):
+    """CoOp's EuroSAT reads split_zhou_EuroSAT.json's names as they are: folder names
+    ("AnnualCrop") stay folder names, its own names ("Annual Crop Land") stay its own; only
+    folder names draw a warning (they change the prompts)."""
+    make_split_dataset(tmp_path, "eurosat")
     split_file = tmp_path / "eurosat" / SPLIT_LAYOUTS["eurosat"].split_file
-    text = split_file.read_text()
-    for old, _, new in [("AnnualCrop", 0, "Annual Crop Land"), ("SeaLake", 0, "Sea or Lake")]:
-        text = text.replace(f'"{old}"', f'"{new}"')  # class names only, not the paths
-    split_file.write_text(text)
-    assert build_dataset("eurosat", tmp_path).classnames == expected.classnames
+    expected = ["AnnualCrop", "Forest", "SeaLake"]
+    if names == "coop":
+        text = split_file.read_text()
+        for old, new in [("AnnualCrop", "Annual Crop Land"), ("SeaLake", "Sea or Lake")]:
+            text = text.replace(f'"{old}"', f'"{new}"')  # class names only, not the paths
+        split_file.write_text(text)
+        expected = ["Annual Crop Land", "Forest", "Sea or Lake"]
+    with caplog.at_level("WARNING", logger="dpt_fast"):
+        data = build_dataset("eurosat", tmp_path)
+    assert data.classnames == expected
+    assert {item.classname for item in data.train} == set(expected)
+    warned = [r.getMessage() for r in caplog.records if "names classes by their folders" in
+              r.getMessage()]
+    assert len(warned) == (1 if names == "folders" else 0)
+    if warned:
+        assert "AnnualCrop" in warned[0] and "'Annual Crop Land'" in warned[0]
 
 
 def test_variants_ignore_shots_and_have_no_training_data(tmp_path):

@@ -11,6 +11,7 @@ Registry keys are the file names of the authors' ``configs/datasets/*.yaml``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from dpt_fast.data.fewshot import (
 )
 from dpt_fast.data.readers import MissingPathError, RawSplits
 from dpt_fast.data.records import Datum
+
+log = logging.getLogger("dpt_fast")
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # CoOp's split_trainval default: 20% of each class's training images become validation.
@@ -87,19 +90,34 @@ class DatasetSpec:
     test_only: bool = False
 
 
-def _coop_split(image_subdir: str, split_file: str, rename: Callable[[str], str] | None = None
-                ) -> Callable[[Path], RawSplits]:
+def _coop_split(image_subdir: str, split_file: str) -> Callable[[Path], RawSplits]:
     """Reader of a dataset described by a CoOp split file (paths relative to image_subdir;
     "" is the dataset folder itself, as for Stanford Cars)."""
     def read(dataset_dir: Path) -> RawSplits:
-        return readers.read_coop_split(dataset_dir / split_file, dataset_dir / image_subdir,
-                                       rename)
+        return readers.read_coop_split(dataset_dir / split_file, dataset_dir / image_subdir)
     return read
 
 
-def _eurosat_name(classname: str) -> str:
-    # Idempotent: split files that already hold the new names pass through unchanged.
-    return readers.EUROSAT_NEW_CLASSNAMES.get(classname, classname)
+_EUROSAT_FOLDER_NAMES = frozenset(k for k, v in readers.EUROSAT_NEW_CLASSNAMES.items() if k != v)
+_warned_eurosat: set[Path] = set()
+
+
+def _read_eurosat(dataset_dir: Path) -> RawSplits:
+    """EuroSAT's split file, its class names as written, as CoOp reads it: folder names
+    ("AnnualCrop") or CoOp's prompt names ("Annual Crop Land") alike. Folder names are worth a
+    warning, once per file: they change the prompts, so the accuracy differs from runs on a
+    split file with CoOp's names."""
+    raw = _coop_split("2750", "split_zhou_EuroSAT.json")(dataset_dir)
+    named = sorted({item.classname for item in raw.train + raw.test} & _EUROSAT_FOLDER_NAMES)
+    split_file = dataset_dir / "split_zhou_EuroSAT.json"
+    if named and split_file not in _warned_eurosat:
+        _warned_eurosat.add(split_file)
+        log.warning("%s names classes by their folders (%s): the prompts use these names, as "
+                    "CoOp's do with this file; the split CoOp writes itself names them %s",
+                    split_file,
+                    ", ".join(named[:3]) + (", ..." if len(named) > 3 else ""),
+                    ", ".join(repr(readers.EUROSAT_NEW_CLASSNAMES[n]) for n in named[:3]))
+    return raw
 
 
 _SEE = " (see CoOp's DATASETS.md)"
@@ -155,7 +173,7 @@ _SPECS = (
     DatasetSpec(
         "eurosat", "EuroSAT", "eurosat", "a centered satellite photo of {}.",
         "<root>/eurosat/2750/<class>/*.jpg and <root>/eurosat/split_zhou_EuroSAT.json" + _SEE,
-        _coop_split("2750", "split_zhou_EuroSAT.json", _eurosat_name)),
+        _read_eurosat),
     DatasetSpec(
         "ucf101", "UCF101", "ucf101", "a photo of a person doing {}.",
         "<root>/ucf101/UCF-101-midframes/<action>/*.jpg and "

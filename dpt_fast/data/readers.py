@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from dpt_fast.data.pickling import read_datum_splits
 from dpt_fast.data.records import Datum
 
 # CoOp's EuroSAT class names (datasets/eurosat.py NEW_CNAMES): folder name -> prompt name.
+# CoOp applies them only when it writes split_zhou_EuroSAT.json itself (from the folders); a
+# split file is read as it is, whichever names it holds, and so is it here.
 EUROSAT_NEW_CLASSNAMES = {
     "AnnualCrop": "Annual Crop Land",
     "Forest": "Forest",
@@ -121,9 +123,7 @@ def classnames_from_items(*splits: Sequence[Datum], source: str) -> list[str]:
     return [names[label] for label in range(len(names))]
 
 
-def read_coop_split(
-    split_file: Path, image_dir: Path, rename: Callable[[str], str] | None = None
-) -> RawSplits:
+def read_coop_split(split_file: Path, image_dir: Path) -> RawSplits:
     """Read a ``split_zhou_*.json``: ``{"train"|"val"|"test": [[relpath, label, classname]]}``
     with paths relative to ``image_dir`` (CoOp's ``OxfordPets.read_split``)."""
     require_file(split_file)
@@ -141,14 +141,14 @@ def read_coop_split(
         if name not in split:
             raise ValueError(f"{split_file}: missing split {name!r}")
         out[name] = [
-            _split_entry(entry, index, name, split_file, image_dir, rename)
+            _split_entry(entry, index, name, split_file, image_dir)
             for index, entry in enumerate(split[name])
         ]
     return RawSplits(out["train"], out["val"], out["test"])
 
 
-def _split_entry(entry: object, index: int, split: str, split_file: Path, image_dir: Path,
-                 rename: Callable[[str], str] | None) -> Datum:
+def _split_entry(entry: object, index: int, split: str, split_file: Path,
+                 image_dir: Path) -> Datum:
     if not isinstance(entry, list | tuple) or len(entry) != _SPLIT_ENTRY_LEN:
         raise ValueError(
             f"{split_file}: {split}[{index}] must be [relpath, label, classname], got {entry!r}"
@@ -159,8 +159,6 @@ def _split_entry(entry: object, index: int, split: str, split_file: Path, image_
     if isinstance(label, bool) or not isinstance(label, int):
         raise ValueError(f"{split_file}: {split}[{index}] has the label {label!r}; labels must "
                          "be integers")
-    if rename is not None:
-        classname = rename(classname)
     return Datum(os.path.join(image_dir, relpath), label, classname)
 
 
