@@ -23,6 +23,7 @@ import yaml
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, fields_with
 from dpt_fast.engine.config import TrainConfig, config_from_dict, config_to_dict, field_help
+from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.errors import RunFolderBusy, TrainingDiverged
 
 # The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
@@ -140,7 +141,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]:
-    """Defaults < YAML < flags; also the names of the fields the user set (YAML or flag).
+    """Defaults < recipe < YAML < flags; also the names of the fields the user set (YAML or
+    flag). The recipe (:mod:`dpt_fast.engine.recipe`) fills the backbone and the dataset's
+    values of the fields the user did not set.
 
     Raises:
         ValueError: a bad YAML file or value, naming the file or the field.
@@ -167,9 +170,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str
         else:
             values[key] = value
     try:
-        return config_from_dict(values), frozenset(explicit)
+        config = config_from_dict(values)
     except TypeError as err:
         raise ValueError(f"invalid configuration: {err}") from None
+    return apply_recipe(config, frozenset(explicit)), frozenset(explicit)
 
 
 # Exit statuses: bad input the user can fix (flags, files, data) vs. a failure while running.

@@ -199,7 +199,7 @@ def test_official_checkpoint_refuses_code(tiny_clip_model, classnames, tmp_path)
     os.makedirs(tmp_path / TEXT_PART)
     torch.save({"state_dict": {"ctx": torch.zeros(16, 32)}, "extra": argparse.Namespace(a=1)},
                tmp_path / TEXT_PART / "model-best.pth.tar")
-    with pytest.raises(ValueError, match="not loadable.*argparse.Namespace") as info:
+    with pytest.raises(ValueError, match=r"not loadable.*argparse\.Namespace") as info:
         target.load_official_checkpoint(tmp_path)
     assert "weights_only" not in str(info.value) and "allowlist" not in str(info.value)
 

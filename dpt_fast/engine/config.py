@@ -3,7 +3,9 @@
 Defaults are the authors' recipe (``fanrena/DPT``: ``train_single.sh`` and
 ``configs/trainers/VPT/vit_b32_deep.yaml`` on Dassl): SGD with momentum 0.9 and weight decay
 5e-4, batch 32, 60 epochs of cosine schedule; visual prompts and CAVPT at lr 0.01 after 10
-constant warm-up epochs at 1e-5 (1 on ImageNet); text context at lr 0.002 after 1 warm-up epoch.
+constant warm-up epochs at 1e-5; text context at lr 0.002 after 1 warm-up epoch. What changes
+per dataset (1 visual warm-up epoch on ImageNet) and the backbone of each recipe live in
+:mod:`dpt_fast.engine.recipe`; the CLI applies them to the fields the user does not set.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Literal
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, REPEAT, REPORT_KEY, RESUMABLE, with_roles
+from dpt_fast.engine.recipe import RECIPE_BACKBONES, RecipeName
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -38,8 +41,13 @@ class TrainConfig:
     seed: int = with_roles(1, EVAL, REPEAT)  # seed of the few-shot split, data order, prompt init
     # classes to train on (base-to-new)
     subsample: Literal["all", "base", "new"] = with_roles("all", EVAL, REPORT_KEY)
-    backbone: str = with_roles("ViT-B-16", EVAL, REPORT_KEY)  # open_clip model name or config .json
-    pretrained: str = with_roles("openai", EVAL)  # open_clip pretrained tag or checkpoint path
+    # training recipe: dpt_fast (ViT-B/16) or authors (ViT-B/32, as the authors' script); it
+    # fills the backbone and the dataset's values of the fields you do not set
+    recipe: RecipeName = with_roles("dpt_fast", EVAL)
+    # open_clip model name or config .json; OpenAI's weights need a -quickgelu model
+    backbone: str = with_roles("ViT-B-16-quickgelu", EVAL, REPORT_KEY)
+    # open_clip pretrained tag, weights file (open_clip's, or OpenAI's ViT-B-16.pt), or none
+    pretrained: str = with_roles("openai", EVAL)
     epochs: int = 60  # training epochs
     batch_size: int = 32  # global batch size (split evenly over DDP processes)
     eval_batch_size: int = with_roles(100, EVAL, RESUMABLE)  # evaluation batch size per process
@@ -47,7 +55,8 @@ class TrainConfig:
     text_lr: float = 0.002  # lr of the text context
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD weight decay
-    warmup_epochs: int = 10  # constant warm-up epochs of the visual groups (authors: 1 on ImageNet)
+    # constant warm-up epochs of the visual groups (recipe: 1 on ImageNet for vlp and dpt)
+    warmup_epochs: int = 10
     text_warmup_epochs: int = 1  # constant warm-up epochs of the text context
     warmup_lr: float = 1e-5  # lr during the constant warm-up
     # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a gradient scaler
@@ -62,6 +71,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse values no run can use, naming the field (before any work starts)."""
         rules = (
+            ("recipe", self.recipe in RECIPE_BACKBONES, f"one of {sorted(RECIPE_BACKBONES)}"),
             ("shots", self.shots == -1 or self.shots >= 1, "-1 (all images) or >= 1"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),

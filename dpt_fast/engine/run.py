@@ -16,7 +16,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import open_clip
 import torch
 from torch import nn
 
@@ -31,11 +30,14 @@ from dpt_fast.data import (
     image_folder_dataset,
 )
 from dpt_fast.engine import checkpoint as ckpt
+from dpt_fast.engine.backbone import build_clip, check_activation, clip_record, resolve_clip
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.device import autocast_dtype, resolve_device
 from dpt_fast.engine.distributed import barrier, close_distributed, init_distributed
 from dpt_fast.engine.evaluation import evaluate
 from dpt_fast.engine.metrics import harmonic_mean
+from dpt_fast.engine.official_backbone import official_backbone
+from dpt_fast.engine.recipe import describe_recipe
 from dpt_fast.engine.run_folder import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
@@ -58,22 +60,16 @@ _CLASS_SPECIFIC = re.compile(r"^cavpt\.layers\.\d+\.classifier\.weight$")
 def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module:
     """An open_clip CLIP by model name or local config .json, with pretrained weights.
 
-    ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path, or "" / "none"
-    for random weights (tests, smoke runs).
+    ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path (OpenAI's
+    ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
+    name and activation are resolved by :func:`dpt_fast.engine.backbone.resolve_clip`.
     """
-    name = backbone
-    if backbone.endswith(".json"):
-        path = Path(backbone)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config not found: {path}")
-        open_clip.add_model_config(path)
-        name = path.stem
-    weights = None if pretrained.lower() in ("", "none") else pretrained
-    if weights and (weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or "/" in weights) \
-            and not Path(weights).is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {weights}")
-    clip = open_clip.create_model(name, pretrained=weights, device=device)
-    return clip.eval()
+    return build_clip(resolve_clip(backbone, pretrained), device)
+
+
+def _log_clip(info: dict) -> None:
+    log.info("CLIP %s (%s): %s activation", info["backbone"], info["pretrained"],
+             info["activation"])
 
 
 def load_splits(dataset: str, root: str, shots: int, seed: int, subsample: str) -> DatasetSplits:
@@ -175,6 +171,7 @@ def _log_start(config: TrainConfig, data: dict, device: torch.device) -> None:
              config.dataset, data["classes"], data["train_images"], data["val_images"],
              data["test_images"], shots, config.backbone, config.pretrained, device,
              "fp32" if precision is None else f"{str(precision).removeprefix('torch.')} autocast")
+    log.info(describe_recipe(config))
     if config.shots >= 1 and data["effective_shots_min"] < config.shots:
         log.warning("some classes have fewer than %d training images: they keep all of theirs "
                     "(%d to %d per class)", config.shots, data["effective_shots_min"],
@@ -219,21 +216,26 @@ def train_run(config: TrainConfig, template_explicit: bool = False, *,
         _log_start(config, data, device)
         model_config = _model_config(config, splits, template_explicit)
         clip = load_clip(config.backbone, config.pretrained, device)
+        clip_info = clip_record(config.backbone, config.pretrained, clip)
+        _log_clip(clip_info)
         seed_all(config.seed)  # same prompt initialisation on every process
         model = DPT(clip, splits.classnames, model_config)
         image_size = model.geometry.image_size[0]
         train_set = ImageDataset(splits.train, build_transforms(train=True,
                                                                 image_size=image_size))
         run_config = dataclasses.replace(config, model=model_config)
-        trainer = Trainer(model, run_config, train_set, device, info, output_dir)
+        trainer = Trainer(model, run_config, train_set, device, info, output_dir,
+                          clip_info=clip_info)
         if config.resume and trainer.checkpoint_path().is_file():
             trainer.resume()
         if info.is_main:
-            write_json(output_dir / CONFIG_FILE, config_to_dict(run_config))
+            write_json(output_dir / CONFIG_FILE, {**config_to_dict(run_config),
+                                                  "clip": clip_info})
         history = trainer.fit(
             lambda: _eval_split(model, splits, run_config, device, info, "test"))
-        results = {"config": config_to_dict(run_config), "dataset": config.dataset,
-                   "classes": splits.classnames, "data": data, "history": history}
+        results = {"config": config_to_dict(run_config), "clip": clip_info,
+                   "dataset": config.dataset, "classes": splits.classnames, "data": data,
+                   "history": history}
         results["test"] = _eval_split(model, splits, run_config, device, info, "test")
         if new is not None:
             new_model = DPT(clip, new.classnames, model_config)
@@ -301,11 +303,19 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
             config, template_explicit = _checkpoint_run_config(config, meta["config"], explicit)
         elif official_dir is None:
             raise ValueError("eval needs --checkpoint or --official-dir")
+        else:
+            chosen = bool({"backbone", "recipe"} & explicit)
+            config = dataclasses.replace(config, backbone=official_backbone(
+                official_dir, config.backbone, chosen))
         splits = load_splits(config.dataset, config.root, -1, config.seed, config.subsample)
         model_config = config.model
         if not template_explicit:
             model_config = dataclasses.replace(model_config, template=splits.template)
         clip = load_clip(config.backbone, config.pretrained, device)
+        clip_info = clip_record(config.backbone, config.pretrained, clip)
+        _log_clip(clip_info)
+        if checkpoint is not None:
+            check_activation(meta.get("clip"), clip, checkpoint)
         model = DPT(clip, splits.classnames, model_config)
         if state is not None:
             load_for_classes(model, state)
@@ -314,7 +324,7 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
                                            load_layer_classifiers=False)
         report = _eval_split(model, splits, config, device, info, "test")
         results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
-                   "test": report}
+                   "clip": clip_info, "test": report}
         if info.is_main:
             write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
         return results

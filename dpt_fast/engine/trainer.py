@@ -49,12 +49,16 @@ class Trainer:
     """Trains a DPT model with the authors' recipe (see :class:`TrainConfig`)."""
 
     def __init__(self, model: DPTBase, config: TrainConfig, train_set: Dataset,
-                 device: torch.device, info: DistInfo, output_dir: Path) -> None:
+                 device: torch.device, info: DistInfo, output_dir: Path, *,
+                 clip_info: dict | None = None) -> None:
         if config.batch_size % info.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                              f"number of processes {info.world_size}")
         self.model, self.config, self.device, self.info = model, config, device, info
         self.output_dir = output_dir
+        # The CLIP the prompts are trained on (backbone, weights, activation), kept in every
+        # checkpoint so that the prompts can be used again on the same CLIP.
+        self.clip_info = clip_info
         self.train_set = SeededSamples(train_set, config.seed)
         self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, info.rank,
                                           info.world_size, config.seed)
@@ -94,7 +98,7 @@ class Trainer:
             self.checkpoint_path(), model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
             info={"config": config_to_dict(self.config), "classnames": self.model.classnames,
-                  "train_stats": record},
+                  "clip": self.clip_info, "train_stats": record},
         )
 
     def resume(self) -> None:
