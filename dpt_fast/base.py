@@ -168,6 +168,8 @@ class DPTBase(nn.Module):
                               geo.vision_width, len(self.classnames), config, device, dtype)
             if spec.class_aware_prompts else None
         )
+        # The run's TrainConfig (a dict) when the model comes from a checkpoint.
+        self.train_config: dict | None = None
         self.register_state_dict_post_hook(_state_dict_post_hook)
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
@@ -268,6 +270,89 @@ class DPTBase(nn.Module):
         ``dpt_loss``).
         """
         return dpt_loss(output, labels, epoch, self.config, layer_denominator, batch_weight)
+
+    # ----------------------------------------------------------------------------- using
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | Sequence) -> torch.Tensor:
+        """Class probabilities (B, C), the softmax of the logits, in float32.
+
+        ``images``: a (B, 3, H, W) tensor of CLIP-normalised pixels, or a sequence of PIL
+        images, which are resized, centre-cropped and normalised as for evaluation. A model in
+        training mode is switched to eval mode for the call and back.
+        """
+        if not isinstance(images, torch.Tensor):
+            images = self._image_batch(images)
+        device = self.handcrafted_text_features.device
+        training = self.training
+        if training:
+            self.eval()
+        try:
+            logits = self(images.to(device)).logits
+        finally:
+            if training:
+                self.train()
+        return logits.float().softmax(dim=-1)
+
+    def _image_batch(self, images: Sequence) -> torch.Tensor:
+        """(B, 3, H, W) evaluation tensors of PIL images."""
+        from PIL import Image
+
+        from dpt_fast.data.loading import build_transforms
+
+        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+            raise TypeError("images must be a (B, 3, H, W) tensor or a sequence of PIL images, "
+                            f"got {type(images).__name__}")
+        transform = build_transforms(train=False, image_size=self.geometry.image_size[0])
+        batch = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"images[{i}] must be a PIL image, got {type(image).__name__} "
+                                "(open files with PIL.Image.open)")
+            batch.append(transform(image.convert("RGB")))
+        if not batch:
+            raise ValueError("images is empty")
+        return torch.stack(batch)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, clip: nn.Module | None = None,
+                        device: torch.device | str | None = None, *,
+                        pretrained: str | None = None) -> DPTBase:
+        """The model a ``dpt-fast train`` checkpoint holds: its class names, its
+        :class:`DPTConfig` and its prompts, in eval mode.
+
+        Args:
+            path: a ``checkpoint-*.safetensors`` of ``dpt-fast train``.
+            clip: the CLIP to put the prompts on; None builds the one the checkpoint records
+                (its backbone and weights; OpenAI's weights on a QuickGELU model).
+            device: where the model goes; None keeps ``clip``'s device (CPU when built here).
+            pretrained: weights to build the CLIP with instead of the recorded ones (an
+                open_clip tag or a file, e.g. a local copy of the recorded weights).
+
+        ``model.train_config`` is the run's TrainConfig as a dict. A fast model's checkpoint
+        loads into the reference model and back: both hold the same tensors.
+
+        Raises:
+            FileNotFoundError, ValueError: a missing or foreign file, or a ``clip`` the
+                prompts do not fit (the message names the difference).
+        """
+        from dpt_fast.engine import checkpoint as ckpt
+        from dpt_fast.engine.backbone import check_activation
+
+        tensors, meta = ckpt.read_checkpoint(path)
+        run = meta["config"]
+        state = ckpt.model_state(tensors)
+        if clip is None:
+            from dpt_fast.engine.run import load_clip
+
+            clip = load_clip(run["backbone"], pretrained or run["pretrained"],
+                             torch.device(device or "cpu"))
+        elif device is not None:
+            clip = clip.to(device)
+        check_activation(meta.get("clip"), clip, str(path))
+        model = cls(clip, decode_json_tensor(state[META_CLASSNAMES]), DPTConfig(**run["model"]))
+        model.load_state_dict(state)
+        model.train_config = run
+        return model.eval()
 
     # ----------------------------------------------------------------------------- loading
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -1,4 +1,4 @@
-"""``dpt-fast`` / ``python -m dpt_fast``: train, eval and report from the command line.
+"""``dpt-fast`` / ``python -m dpt_fast``: train, eval, predict and report from the command line.
 
 Every field of :class:`~dpt_fast.engine.config.TrainConfig` and of
 :class:`~dpt_fast.config.DPTConfig` is a flag (``--n-text-ctx 8``); ``--config run.yaml``
@@ -22,7 +22,13 @@ import yaml
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, fields_with
-from dpt_fast.engine.config import TrainConfig, config_from_dict, config_to_dict, field_help
+from dpt_fast.engine.config import (
+    Precision,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    field_help,
+)
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.errors import RunFolderBusy, TrainingDiverged
 
@@ -88,7 +94,8 @@ def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dpt-fast",
-        description="Dual-modality Prompt Tuning for CLIP: train, evaluate, report, demo.")
+        description="Dual-modality Prompt Tuning for CLIP: train, evaluate, predict, report, "
+                    "demo.")
     _add_common_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
+    predict = command("predict", "top-k classes of images under a trained checkpoint")
+    predict.add_argument("images", nargs="+", help="image files, and folders searched "
+                         "recursively for images")
+    predict.add_argument("--checkpoint", required=True,
+                         help="a checkpoint-*.safetensors of `dpt-fast train`")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    predict.add_argument("--output", type=Path,
+                         help="write a .csv or .jsonl file instead of the table on the terminal")
+    predict.add_argument("--skip-unreadable", action="store_true",
+                         help="exit 0 when some images cannot be read (they are still "
+                              "reported, and listed with their error in --output)")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per batch "
+                         "(default: 32)")
+    predict.add_argument("--num-workers", type=int, default=2,
+                         help="image-reading processes (default: 2)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N "
+                         "(default: 'auto')")
+    predict.add_argument("--precision", choices=typing.get_args(Precision), default="auto",
+                         help="auto: bf16 autocast on CUDA, fp32 on CPU (default: 'auto')")
+    predict.add_argument("--pretrained", default=None,
+                         help="CLIP weights instead of those the checkpoint records (an "
+                              "open_clip tag or a file, e.g. a local copy of them)")
     demo = command("demo", "a first run with no downloads: toy CLIP, toy task")
     from dpt_fast.toy.options import add_demo_arguments
 
@@ -208,6 +237,8 @@ def _run(args: argparse.Namespace) -> int:
         from dpt_fast.toy.demo import main_from_args
 
         return main_from_args(args)
+    if args.command == "predict":
+        return _predict(args)
     config, explicit = resolve_config(args)
     from dpt_fast.engine.run import eval_run, train_run
 
@@ -221,6 +252,39 @@ def _run(args: argparse.Namespace) -> int:
         line += (f" | new classes: {results['test_new']['accuracy']:.2f}%"
                  f" | H: {results['harmonic_mean']:.2f}")
     print(line)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    for flag, value, least in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-workers", args.num_workers, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    from dpt_fast.engine.predictions import (
+        check_output,
+        find_images,
+        format_table,
+        write_predictions,
+    )
+
+    check_output(args.output)
+    paths = find_images(args.images)
+    from dpt_fast.engine.predict import predict_checkpoint
+
+    predictions = predict_checkpoint(
+        args.checkpoint, paths, top_k=args.top_k, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, precision=args.precision,
+        pretrained=args.pretrained)
+    failed = [p for p in predictions if p.error is not None]
+    if args.output is not None:
+        write_predictions(predictions, args.output)
+        print(f"{len(predictions) - len(failed)} image(s) classified -> {args.output}")
+    else:
+        print(format_table(predictions))
+    if failed and not args.skip_unreadable:
+        raise ValueError(f"{len(failed)} of {len(predictions)} image(s) could not be read "
+                         f"(first: {failed[0].path}: {failed[0].error}); the others were "
+                         "classified; pass --skip-unreadable to accept that")
     return 0
 
 
