@@ -1,12 +1,13 @@
 """Compile-check CUDA sources with nvcc for one architecture, with torch's headers.
 
-Usage: python .ci/nvcc_check.py --arch sm_90 csrc/*.cu
-Finds the real toolkit behind a wrapper `nvcc` the same way setup.py does.
+Usage: python .ci/nvcc_check.py --arch sm_90 [sources...]; without sources, every .cu file under
+csrc/. Finds the real toolkit behind a wrapper `nvcc` the same way setup.py does.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import os
 import subprocess
@@ -18,8 +19,12 @@ import tempfile
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="sm_90")
-    parser.add_argument("sources", nargs="+")
+    parser.add_argument("sources", nargs="*")
     args = parser.parse_args()
+    sources = args.sources or sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if not sources:
+        print("no .cu files given or found under csrc/", file=sys.stderr)
+        return 1
 
     # setup.py only builds under __main__: importing it gives its CUDA_HOME detection.
     spec = importlib.util.spec_from_file_location("dpt_setup", "setup.py")
@@ -41,7 +46,7 @@ def main() -> int:
     code = args.arch.replace("sm_", "")
     failed = 0
     with tempfile.TemporaryDirectory() as out:
-        for source in args.sources:
+        for source in sources:
             cmd = [nvcc, "-std=c++20", "-O2", f"-gencode=arch=compute_{code},code={args.arch}",
                    "-DTORCH_EXTENSION_NAME=_C", "-DDPT_FAST_WITH_CUDA",
                    "-DTORCH_API_INCLUDE_EXTENSION_H",

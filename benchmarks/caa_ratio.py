@@ -7,7 +7,7 @@ next one), computes the ratio op / baseline within each round,
 and reports the median ratio and its quartiles over all rounds: the issue's number, measured so
 that machine noise mostly cancels. Each timed call's gradients are dropped before the next call,
 as in a training loop: on CPU the op then reuses their memory through its block cache
-(csrc/result_cache.h), while the composition gets fresh memory from the default allocator, so
+(csrc/cpu_block_cache.h), while the composition gets fresh memory from the default allocator, so
 the CPU ratio measures that allocation policy as well as the kernels.
 
     python benchmarks/caa_ratio.py                          # B = 32 and 256, JSON to stdout

@@ -17,7 +17,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ClipGeometry:
-    """Sizes read off a CLIP model. Names follow shared/DESIGN.md."""
+    """Sizes read off a CLIP model. Names follow docs/DESIGN.md."""
 
     vision_layers: int  # L
     vision_width: int  # W

@@ -62,7 +62,7 @@ def layer_logit_loss(layer_logits: torch.Tensor, topk_indices: torch.Tensor,
 def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int, config: DPTConfig,
              layer_denominator: torch.Tensor | None = None,
              batch_weight: float | None = None) -> torch.Tensor:
-    """The objective of ``config.method`` at ``epoch`` (0-based), shared/DESIGN.md §1.
+    """The objective of ``config.method`` at ``epoch`` (0-based), docs/DESIGN.md §1.
 
     Guidance epochs (epoch < guidance_epochs, methods with guidance):
         CE(logits_zeroshot_image) + CE(logits_handcrafted_text) + 0.1 · CE(logits);

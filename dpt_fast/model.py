@@ -2,7 +2,7 @@
 
 Same constructor, forward, loss and state_dict as the reference (both are built on
 :class:`~dpt_fast.base.DPTBase` and own the same prompt modules); the same numbers to
-floating-point tolerance. It computes them with the exact shortcuts of shared/DESIGN.md §2:
+floating-point tolerance. It computes them with the exact shortcuts of docs/DESIGN.md §2:
 
 1. prompts enter each attention as extra keys/values (``dpt_fast.ops.prompt_attention``: a fused
    Triton kernel on CUDA), never concatenated to the sequence;

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dpt_fast.config import DPTConfig
+from dpt_fast.ops.class_aware_attention.reference import class_aware_attention_ref
 from dpt_fast.tokenizer import ClipTokenizer
 
 # (q (B, K, A), k (B, M, A), v (B, M, W), scale) -> (B, K, W)
@@ -146,15 +147,6 @@ class DeepVisualPrompts(nn.Module):
         return self.ctx.shape[0]
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v — the authors' CAVPT attention, in plain PyTorch.
-
-    q (B, K, A), k (B, M, A), v (B, M, W) -> (B, K, W).
-    """
-    return torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1).bmm(v)
-
-
 class ClassAwarePromptLayer(nn.Module):
     """CAVPT for one vision layer: K class-aware prompt tokens per image and a layer classifier.
 
@@ -185,15 +177,18 @@ class ClassAwarePromptLayer(nn.Module):
         self.ctx = nn.Parameter(ctx)
         self.scale = 1.0 / math.sqrt(config.cavpt_attn_dim)
 
-    def forward(self, tokens: torch.Tensor, class_text: torch.Tensor,
-                attention: AttentionFn = attention_reference) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, class_text: torch.Tensor,
+        attention: AttentionFn = class_aware_attention_ref,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt tokens and layer logits for one layer.
 
         Args:
             tokens: (B, N, W) the layer's input image tokens; detached here (the authors' code
                 does not let the CAVPT branch change the image path's gradients).
             class_text: (B, K, E) learned, unnormalised text features of the selected classes.
-            attention: the softmax attention to use (the fast model passes its fused op).
+            attention: the softmax attention ``softmax(q kᵀ · scale) · v``; the
+                reference formula by default, the fast model passes its fused op.
         Returns:
             prompts (B, K, W) to append to the layer's input, logits (B, K, C).
         """

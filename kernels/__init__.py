@@ -1,4 +1,6 @@
 """Triton kernels of dpt_fast, installed as ``dpt_fast.kernels`` (never a top-level package).
 
-The fused prompt attention (shared/DESIGN.md §3) lives here.
+``prompt_attention`` holds the launchers of the fused prompt attention (the op around them:
+``dpt_fast.ops.prompt_attention``; the design: ``docs/DESIGN.md``). Importing this package does
+not import triton; importing ``dpt_fast.kernels.prompt_attention`` does.
 """

@@ -2,12 +2,21 @@
 
 Device conditions are computed once at import, without touching CUDA state that could crash a
 CPU-only collection: ``torch.cuda.is_available()`` is safe on every build.
+
+Without a CUDA device the Triton kernels are tested on CPU tensors through Triton's interpreter,
+which must be chosen before anything imports triton (open_clip and torch.compile do): hence
+``TRITON_INTERPRET=1`` here, before the test modules are imported. ``import torch`` alone does
+not import triton. With a GPU the kernels compile, and their CPU cases skip.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +25,9 @@ import torch
 from PIL import Image
 
 HAS_CUDA = torch.cuda.is_available()
+
+if not HAS_CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
@@ -115,3 +127,99 @@ def odd_folder(tmp_path_factory) -> Path:
     """The colour task with 15 training images, an odd number: 6 per class in train/, of
     which the image-folder reader keeps one per class for validation."""
     return write_colour_task(tmp_path_factory.mktemp("odd_colours"), train=6, test=2, seed=1)
+# --- the compiled extension --------------------------------------------------------------------
+
+
+def has_cxx_compiler() -> bool:
+    return any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++"))
+
+
+@pytest.fixture
+def extension() -> None:
+    """Fails when dpt_fast._C is missing on a machine that could have built it, else skips.
+
+    A silent fallback to PyTorch would hide a broken build.
+    """
+    from dpt_fast.ops import _extension
+
+    if _extension.extension_available():
+        return
+    message = f"dpt_fast._C is not loaded: {_extension.load_error()}"
+    if has_cxx_compiler():
+        pytest.fail(message + " (a C++ compiler is present, so the build should have worked)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def nan_filled_memory() -> Iterator[None]:
+    """Every new tensor starts as NaN, so an output element a kernel never writes shows up.
+
+    PyTorch's deterministic mode fills uninitialised memory (``at::empty``, including the
+    kernels' own outputs and temporaries, and the CPU block cache's blocks) with NaN; warn_only
+    keeps ops without a deterministic implementation (cuBLAS without CUBLAS_WORKSPACE_CONFIG)
+    running. Restored afterwards.
+    """
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+# --- prompt attention's Triton kernels (helpers: prompt_attention_checks.py) ------------------
+
+
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prompt_attention runs the Triton kernels (through the interpreter on CPU tensors)."""
+    monkeypatch.setenv("DPT_FAST_BACKEND", "triton")
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer the launchers allocate starts as NaN, so unwritten elements show."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    from prompt_attention_checks import kernels
+
+    monkeypatch.setattr(kernels(), "_empty", nan_empty)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the launcher calls made through the custom ops."""
+    from prompt_attention_checks import kernels
+
+    calls = {"fwd": 0, "bwd": 0}
+    launchers = kernels()
+    fwd, bwd = launchers.prompt_attention_fwd, launchers.prompt_attention_bwd
+
+    def counting_fwd(*args):
+        calls["fwd"] += 1
+        return fwd(*args)
+
+    def counting_bwd(*args):
+        calls["bwd"] += 1
+        return bwd(*args)
+
+    monkeypatch.setattr(launchers, "prompt_attention_fwd", counting_fwd)
+    monkeypatch.setattr(launchers, "prompt_attention_bwd", counting_bwd)
+    return calls
+
+
+@pytest.fixture
+def exact_fp32_matmul():
+    """fp32 kernels use exact (IEEE) dots only under the "highest" matmul precision."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)

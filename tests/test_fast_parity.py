@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompt_attention_checks import require_triton
 
 import dpt_fast
 from dpt_fast import DPT, DPTConfig
@@ -91,7 +92,7 @@ def test_public_api_names():
 def test_fast_matches_reference_through_the_triton_kernels(tiny_clip_model, classnames, images,
                                                            labels, monkeypatch):
     # The model-level check of the Triton path on CPU: kernels run in Triton's interpreter.
+    require_triton("cpu")
     monkeypatch.setenv("DPT_FAST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     _check_parity(tiny_clip_model, classnames, images[:2], labels[:2],
                   DPTConfig(cavpt_start_layer=3, cavpt_top_k=3, n_text_ctx=4))

@@ -1,4 +1,4 @@
-"""The reference DPT against properties of CLIP and of the method (shared/DESIGN.md §1).
+"""The reference DPT against properties of CLIP and of the method (docs/DESIGN.md §1).
 
 These are invariants with an independent way to compute the expected value (open_clip's own
 encoders, a hand-written attention with prompt keys, the objective written out slot by slot),
@@ -188,7 +188,7 @@ def test_top_k_is_capped_at_the_number_of_classes(tiny_clip_model, images):
 
 
 def test_cavpt_layer_matches_the_method_description(tiny_clip_model, classnames, images):
-    # DESIGN §1 step 3-5, computed per image with explicit loops over slots.
+    # docs/DESIGN.md §1, CAVPT steps 3-5, computed per image with explicit loops over slots.
     model = _build(tiny_clip_model, classnames, cavpt_top_k=3)
     layer = model.cavpt.layers[0]
     tokens = torch.randn(2, 17, 64)

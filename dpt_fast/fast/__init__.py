@@ -1,2 +1,2 @@
-"""Building blocks of the fast DPT (shared/DESIGN.md §2): decomposed residual blocks, the
+"""Building blocks of the fast DPT (docs/DESIGN.md §2): decomposed residual blocks, the
 prompt-K/V vision encoder and the shared-prefix text encoder."""

@@ -1,4 +1,4 @@
-"""The learned-prompt text encoder with a shared prefix and EOT truncation (DESIGN §2, 4-5).
+"""The learned-prompt text encoder with a shared prefix and EOT truncation (docs/DESIGN.md §2, 4-5).
 
 Under the causal mask, position t sees positions ≤ t only. So
 

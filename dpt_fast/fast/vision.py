@@ -1,4 +1,4 @@
-"""The image tower with prompts entering as keys/values only (DESIGN §2, 1-3).
+"""The image tower with prompts entering as keys/values only (docs/DESIGN.md §2, 1-3).
 
 * No concatenation: a prompt token contributes its key and value to the attention and nothing
   else; its query, attention output and MLP are never computed.

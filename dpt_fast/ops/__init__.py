@@ -1,12 +1,17 @@
-"""Fused ops of dpt_fast, backed by the compiled extension ``dpt_fast._C`` when it is available.
+"""The fused ops of dpt_fast, one package per op.
 
-Each op falls back to an equivalent PyTorch composition when the extension is missing or has no
-kernel for the tensors' device, so models run (more slowly) everywhere.
+* ``prompt_attention/``: attention over prompt and self keys (Triton kernels in
+  ``dpt_fast.kernels``, PyTorch elsewhere);
+* ``class_aware_attention/``: the CAVPT attention (C++/CUDA kernels of ``dpt_fast._C``);
+* ``cpu_block_cache``: controls of the extension's CPU block cache;
+* ``_extension``: loads ``dpt_fast._C``; ``_common``: conventions both ops share.
+
+Each op falls back to PyTorch when its kernels are missing (no triton, no compiled extension)
+or have nothing for the tensors' device, so models run (more slowly) everywhere.
 """
 
-from dpt_fast.ops.class_aware_attention import (
-    class_aware_attention,
-    class_aware_attention_ref,
+from dpt_fast.ops.class_aware_attention import class_aware_attention, class_aware_attention_ref
+from dpt_fast.ops.cpu_block_cache import (
     cpu_block_cache_bytes,
     cpu_block_cache_limit,
     empty_cpu_block_cache,

@@ -20,14 +20,11 @@ from dpt_fast.clip_interop import (
     vision_embed,
     vision_head,
 )
-from dpt_fast.prompts import AttentionFn, attention_reference
+from dpt_fast.ops.class_aware_attention.reference import class_aware_attention_ref
 
 
 class DPT(DPTBase):
     """Reference Dual-modality Prompt Tuning; see :class:`dpt_fast.base.DPTBase` for the API."""
-
-    #: softmax attention of the CAVPT modules; the fast model swaps in its fused op.
-    cavpt_attention: AttentionFn = staticmethod(attention_reference)
 
     def encode_learned_text(self) -> torch.Tensor:
         """Full causal text encoder over the C learned prompts -> (C, E)."""
@@ -53,7 +50,7 @@ class DPT(DPTBase):
                 extra = self.visual_prompts.ctx[i].to(x.dtype).expand(batch, -1, -1)
             elif self.cavpt is not None and i >= self.cavpt_start:
                 extra, logits = self.cavpt.layers[i - self.cavpt_start](
-                    x, class_text, self.cavpt_attention
+                    x, class_text, class_aware_attention_ref
                 )
                 layer_logits.append(logits)
             else:

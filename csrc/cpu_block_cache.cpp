@@ -1,6 +1,6 @@
-// See result_cache.h.
+// The CPU block cache (see cpu_block_cache.h).
 
-#include "result_cache.h"
+#include "cpu_block_cache.h"
 
 #include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
@@ -22,7 +22,7 @@
 #define DPT_FAST_HAS_ATFORK 1
 #endif
 
-namespace dpt_fast::cpu {
+namespace dpt_fast::cpu_block_cache {
 namespace {
 
 // Block sizes are rounded up to this, so requests of nearly the same size share blocks.
@@ -37,16 +37,16 @@ struct Block {
 
 // A c10::Allocator, so the tensors' storages are ordinary resizable CPU storages whose memory
 // comes from (and returns to) the cache.
-class ResultCache final : public c10::Allocator {
+class BlockCache final : public c10::Allocator {
  public:
-  explicit ResultCache(int64_t limit) : limit_(limit) {}
+  explicit BlockCache(int64_t limit) : limit_(limit) {}
 
   // The cache every tensor's deleter returns its block to. Never destroyed: a tensor may be freed
   // after static destructors ran (at interpreter exit), and its deleter still needs the cache; the
   // blocks then go back with the process.
-  static ResultCache& instance() {
+  static BlockCache& instance() {
     static const bool created = [] {  // once, thread-safe (a function-local static)
-      current_ = new ResultCache(kDefaultLimit);
+      current_ = new BlockCache(kDefaultLimit);
       register_fork_handler();
       return true;
     }();
@@ -66,12 +66,12 @@ class ResultCache final : public c10::Allocator {
       block = new_block(nbytes);
     }
     report(block, static_cast<int64_t>(block->capacity));
-    return {block->ptr, block, &ResultCache::give_back, c10::Device(c10::DeviceType::CPU)};
+    return {block->ptr, block, &BlockCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
   // The data pointer is the whole block, so copy-on-write (torch._lazy_clone) may wrap it.
   bool is_simple_data_ptr(const c10::DataPtr& data_ptr) const override {
-    return data_ptr.get_deleter() == &ResultCache::give_back ||
+    return data_ptr.get_deleter() == &BlockCache::give_back ||
            data_ptr.get() == data_ptr.get_context();
   }
 
@@ -90,7 +90,7 @@ class ResultCache final : public c10::Allocator {
   }
 
   void set_limit(int64_t limit) {
-    TORCH_CHECK(limit >= 0, "the result cache limit must be >= 0 bytes, got ", limit);
+    TORCH_CHECK(limit >= 0, "the CPU block cache limit must be >= 0 bytes, got ", limit);
     std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
@@ -100,7 +100,7 @@ class ResultCache final : public c10::Allocator {
     destroy(evicted);
   }
 
-  void release() {
+  void empty_cache() {
     std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
@@ -120,7 +120,7 @@ class ResultCache final : public c10::Allocator {
     try {
       ptr = c10::alloc_cpu(capacity);
     } catch (const c10::Error&) {
-      release();
+      empty_cache();
       ptr = c10::alloc_cpu(capacity);
     }
     return new Block{ptr, capacity};
@@ -163,7 +163,7 @@ class ResultCache final : public c10::Allocator {
   // all, else frees it.
   static void give_back(void* context) {
     auto* block = static_cast<Block*>(context);
-    ResultCache& self = instance();
+    BlockCache& self = instance();
     self.report(block, -static_cast<int64_t>(block->capacity));
     std::vector<Block*> evicted;
     {
@@ -211,11 +211,11 @@ class ResultCache final : public c10::Allocator {
   static void register_fork_handler() {
 #ifdef DPT_FAST_HAS_ATFORK
     // The child runs one thread: reading the old cache's limit without its lock is safe there.
-    pthread_atfork(nullptr, nullptr, [] { current_ = new ResultCache(current_->limit_); });
+    pthread_atfork(nullptr, nullptr, [] { current_ = new BlockCache(current_->limit_); });
 #endif
   }
 
-  static inline ResultCache* current_ = nullptr;  // set by instance(), replaced in fork children
+  static inline BlockCache* current_ = nullptr;  // set by instance(), replaced in fork children
 
   std::mutex mutex_;
   std::vector<Block*> blocks_;  // cached blocks, oldest first
@@ -226,8 +226,8 @@ class ResultCache final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor t = at::detail::empty_generic(sizes, &ResultCache::instance(),
+at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  at::Tensor t = at::detail::empty_generic(sizes, &BlockCache::instance(),
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                            std::nullopt);
   // As at::empty does under torch.use_deterministic_algorithms: a reused block holds stale,
@@ -240,12 +240,12 @@ at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
   return t;
 }
 
-int64_t cached_bytes() { return ResultCache::instance().bytes(); }
+int64_t cached_bytes() { return BlockCache::instance().bytes(); }
 
-int64_t cache_limit() { return ResultCache::instance().limit(); }
+int64_t limit() { return BlockCache::instance().limit(); }
 
-void set_cache_limit(int64_t bytes) { ResultCache::instance().set_limit(bytes); }
+void set_limit(int64_t bytes) { BlockCache::instance().set_limit(bytes); }
 
-void release_cache() { ResultCache::instance().release(); }
+void empty_cache() { BlockCache::instance().empty_cache(); }
 
-}  // namespace dpt_fast::cpu
+}  // namespace dpt_fast::cpu_block_cache

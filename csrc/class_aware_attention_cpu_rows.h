@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-namespace dpt_fast::cpu {
+namespace dpt_fast::cpu_rows {
 
 // Rows [begin, end) of p (rows, M): in, raw scores s = q kᵀ; out, P = softmax(s · scale).
 // lse (rows,): lse[r] = logsumexp(s[r] · scale).
@@ -30,4 +30,4 @@ void softmax_backward_rows(double* p, double* ds, const double* lse, const doubl
 // its accuracy against std::exp (it may be called with x == y).
 void exp_f32(const float* x, float* y, int64_t n);
 
-}  // namespace dpt_fast::cpu
+}  // namespace dpt_fast::cpu_rows
