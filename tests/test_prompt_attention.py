@@ -16,16 +16,14 @@ of a fraction of an ulp of the reference's magnitude.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from dpt_fast.kernels import prompt_attention as kernels
 from torch import Tensor
+from triton_interpreter import interpreter_problem
 
 from dpt_fast.ops import prompt_attention, prompt_attention_ref, prompt_attention_torch
 
@@ -166,33 +164,10 @@ def assert_deterministic(case: Case) -> None:
 # --- fixtures -----------------------------------------------------------------------------------
 
 
-def _probe_kernel(X, n):
-    for i in range(0, n, 1):
-        tl.store(X + i, i)
-
-
-@functools.cache
-def _interpreter_problem() -> str | None:
-    """Why Triton's interpreter cannot run the kernels here, or None.
-
-    triton 3.6's interpreter turns a runtime loop bound into an int with ``int(array)``, which
-    recent NumPy (2.4 at least) rejects for 1-element arrays (3.8 squeezes first), so every
-    kernel loop fails; without NumPy there is no interpreter at all.
-    """
-    x = torch.zeros(2, dtype=torch.int32)
-    try:
-        from triton.runtime.interpreter import InterpretedFunction  # needs numpy
-
-        InterpretedFunction(_probe_kernel)[(1,)](x, 2)
-    except Exception as e:
-        return f"triton {triton.__version__}'s interpreter cannot run loops here: {e}"
-    return None
-
-
 @pytest.fixture
 def interpreted_triton(monkeypatch):
     """prompt_attention runs the Triton kernels on CPU tensors through the interpreter."""
-    if (problem := _interpreter_problem()) is not None:
+    if (problem := interpreter_problem()) is not None:
         pytest.skip(problem)
     monkeypatch.setenv("DPT_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -206,7 +181,7 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels, "_empty", nan_empty)
-    if not kernels._INTERPRETED and _interpreter_problem() is None:
+    if not kernels._INTERPRETED and interpreter_problem() is None:
         # CPU tensors run through the interpreted copy of the kernel module.
         monkeypatch.setattr(kernels._interpreted_copy(), "_empty", nan_empty)
 
