@@ -176,9 +176,14 @@ def main() -> int:
         compile_sources(args.sources, args.compile_into)
         return 0
 
+    setup_module = _load_setup()
+    archs = args.archs or os.environ.get("TORCH_CUDA_ARCH_LIST") or setup_module.DEFAULT_CUDA_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     declared = extension_cuda_sources()
     if args.sources:
-        sources = [os.path.relpath(os.path.abspath(s), ROOT) for s in args.sources]
+        # Inside the project: relative to its root, as setup.py names its own sources.
+        sources = [os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+                   for path in map(os.path.abspath, args.sources)]
     else:
         on_disk = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         left_out = sorted(set(on_disk) - set(declared))
@@ -191,16 +196,21 @@ def main() -> int:
         print("no CUDA sources to check", file=sys.stderr)
         return 1
 
-    setup_module = _load_setup()
-    archs = args.archs or os.environ.get("TORCH_CUDA_ARCH_LIST") or setup_module.DEFAULT_CUDA_ARCHS
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs,
+    env = dict(os.environ,
                NVCC_APPEND_FLAGS=(os.environ.get("NVCC_APPEND_FLAGS", "") + " -Xptxas -v").strip())
     failed = False
     for source in sources:
         with tempfile.TemporaryDirectory() as build_dir:
+            compiled = source
+            if os.path.isabs(source):
+                # Outside the project: compiled from a copy in the temporary folder, so that
+                # its object file (named after the source path) lands there too.
+                compiled = os.path.join(build_dir, "src", os.path.basename(source))
+                os.makedirs(os.path.dirname(compiled))
+                shutil.copy(source, compiled)
             result = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--compile-into", build_dir, source],
-                env=env, capture_output=True, text=True, cwd=ROOT)
+                [sys.executable, os.path.abspath(__file__), "--compile-into", build_dir,
+                 compiled], env=env, capture_output=True, text=True, cwd=ROOT)
         log = result.stdout + result.stderr
         commands = [line for line in log.splitlines() if "nvcc" in line and " -c " in line]
         print(f"=== {source} (TORCH_CUDA_ARCH_LIST={archs}) ===")
