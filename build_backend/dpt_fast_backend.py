@@ -47,9 +47,9 @@ _PROBE = (
 _ISOLATION_VARIABLES = ("PYTHONPATH", "PYTHONNOUSERSITE")
 INSTALL_TORCH_FIRST = (
     "dpt_fast compiles its extension against the torch of the environment it is installed into, "
-    "and there is no torch in {where}: install torch first "
-    '(pip install "torch>=2.11"), then run this install again '
-    "(DPT_FAST_SKIP_EXT=1 installs the pure-Python package instead)"
+    'and there is no torch in {where}: install torch first (pip install "torch>=2.11") and run '
+    "this install again; DPT_FAST_TORCH_PYTHON=/path/to/python names the environment when the "
+    "build runs elsewhere, DPT_FAST_SKIP_EXT=1 installs without the extension"
 )
 
 
