@@ -16,7 +16,7 @@
 #   the tree, and the Triton and Inductor caches. `bench` reuses an install whose stamp matches
 #   the sources and builds first only when it does not (a fresh machine, changed sources).
 # - The call ends within GPU_CHECK_BUDGET_S (default 540 s; give the tool a timeout_s above it):
-#   each step gets at most what is left (less a margin), a step with under 30 s left is skipped,
+#   each step gets at most what is left (less 30 s), a step with under 30 s left is skipped,
 #   and steps are stopped with SIGINT, on which pytest still writes its XML/JSON.
 # - The tool returns at most 8 files from $OUT, so logs go to $GPU_CHECK_LOGS and come back
 #   packed in $OUT/logs.tgz. Each call writes its own $OUT/summary.json (rewritten after every
@@ -63,7 +63,8 @@ record() {  # record NAME RESULT SECONDS: a step that did not run its command
 step() {  # step NAME LIMIT_S CMD... : run within the budget, log to $LOGS/NAME.log, record exit
     local name=$1 limit=$2
     shift 2
-    local left=$((BUDGET - SECONDS - 15))
+    # The margin covers a stopped step's 20 s grace before the kill, then the summary.
+    local left=$((BUDGET - SECONDS - 30))
     if ((left < 30)); then
         echo "--- $name: skipped, ${left} s left of the budget"
         record "$name" skipped 0
