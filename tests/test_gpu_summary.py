@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-import gpu_summary
 import pytest
+from benchmark_scripts import load
+
+gpu_summary = load("gpu_summary")
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3"
 failures="1" errors="0" skipped="1"><testcase classname="tests.test_x" name="test_ok"/>
