@@ -31,26 +31,6 @@ from dpt_fast.data import (
 )
 from dpt_fast.data.records import DASSL_DATUM_MODULE, DASSL_DATUM_NAME
 
-TEMPLATES = {  # the authors' CUSTOM_TEMPLATES (trainers/DPT.py), by registry name
-    "imagenet": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "stanford_cars": "a photo of a {}.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "food101": "a photo of {}, a type of food.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "sun397": "a photo of a {}.",
-    "dtd": "{} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenetv2": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
-}
-
-
-
 # --- few-shot cache files ---------------------------------------------------------------------
 
 def test_fewshot_cache_round_trip_and_reuse(tmp_path):
