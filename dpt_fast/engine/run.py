@@ -63,7 +63,13 @@ def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module
     ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path (OpenAI's
     ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
     name and activation are resolved by :func:`dpt_fast.engine.backbone.resolve_clip`.
+    Backbone "toy" is the toy CLIP shipped inside the package (pretrained "toy"; see
+    :func:`dpt_fast.toy.model.load_toy_backbone`).
     """
+    from dpt_fast.toy.model import BACKBONE_NAME, load_toy_backbone
+
+    if backbone == BACKBONE_NAME:
+        return load_toy_backbone(pretrained, device)
     return build_clip(resolve_clip(backbone, pretrained), device)
 
 

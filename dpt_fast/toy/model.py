@@ -30,7 +30,10 @@ CONFIG_PATH = TOY_DIR / "toy_clip.json"
 WEIGHTS_PATH = TOY_DIR / "toy_clip.safetensors"
 MODEL_NAME = CONFIG_PATH.stem  # open_clip registers a config under its file stem
 # SHA-256 of the shipped toy_clip.safetensors; load_toy_clip refuses any other file.
-WEIGHTS_SHA256 = "da929d426424d9a6ebce7587a621137265c1068beef5918348c5e8e1b72cb3fb"
+WEIGHTS_SHA256 = "a105bd3b0166abebbf446d3e4372f6adf2368b7760bd4be280b3e0926ae1990f"
+# `dpt-fast train --backbone toy --pretrained toy`: the shipped toy CLIP through the engine.
+BACKBONE_NAME = "toy"
+PRETRAINED_TAG = "toy"
 EMBEDDING_KEY = "token_embedding.weight"
 ROWS_KEY = "token_embedding.rows"
 IDS_KEY = "token_embedding.ids"
@@ -119,6 +122,28 @@ def load_toy_clip(device: str | torch.device = "cpu", path: str | Path = WEIGHTS
     vocab_size = model.token_embedding.num_embeddings
     model.load_state_dict(expand_state(load_file(str(path)), vocab_size))
     return model.to(device).eval()
+
+
+def load_toy_backbone(pretrained: str, device: str | torch.device = "cpu") -> open_clip.CLIP:
+    """The CLIP of ``--backbone toy`` (``load_clip`` in the engine), in eval mode.
+
+    ``pretrained``: "toy" for the shipped weights (checksum verified), "" or "none" for random
+    weights (smoke tests), or the path of toy weights written by ``python -m
+    dpt_fast.toy.pretrain`` (compact format, no checksum: a fresh pretraining has a new one).
+
+    Raises:
+        ValueError: any other ``pretrained`` (e.g. the default "openai"), naming the choices.
+        FileNotFoundError, ChecksumError: see :func:`load_toy_clip`.
+    """
+    if pretrained == PRETRAINED_TAG:
+        return load_toy_clip(device)
+    if pretrained.lower() in ("", "none"):
+        return build_toy_clip().to(device).eval()
+    if pretrained.endswith(".safetensors"):
+        return load_toy_clip(device, path=pretrained, expected_sha256=None)
+    raise ValueError(f"--backbone {BACKBONE_NAME} takes --pretrained {PRETRAINED_TAG} (the "
+                     f"shipped toy CLIP), none (random weights) or a toy weights .safetensors "
+                     f"file from `python -m dpt_fast.toy.pretrain`; got {pretrained!r}")
 
 
 def write_full_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:

@@ -1,16 +1,18 @@
 """Contrastive pretraining of the toy CLIP on captioned toy-world images.
 
 ``python -m dpt_fast.toy.pretrain --out dpt_fast/toy/toy_clip.safetensors`` (all defaults:
-seed 0, 2000 steps of 64) is the recipe of the shipped weights. The data stream is exactly
-reproducible from the seed; the weights are reproducible statistically, not bit for bit (CPU
-kernels such as the embedding-row gradient accumulate in a thread-dependent order), so a rerun
-gets a new SHA-256 and must be loaded with ``expected_sha256=None``.
+seed 0, 6000 steps of 64, one CPU thread) is the recipe of the shipped weights. The data stream
+is reproducible from the seed, and the training runs with deterministic kernels at a fixed
+thread count, so a rerun with the same torch build on the same kind of CPU gives the same file
+bit for bit (the same SHA-256). Another CPU (other SIMD kernels), torch build or thread count
+rounds differently and gives other, statistically equivalent weights, which load with
+``expected_sha256=None``.
 
 Each step draws a fresh batch of scenes from the seeded generator. Each caption names the
-shape and, at random, the colour, the texture (only about a third of the time: the toy task
-lives in that gap) and the position, in one of a few sentence forms. The objective is CLIP's
-symmetric cross-entropy with multi-positive targets: a caption counts as a match for every
-image in the batch it truly describes ("a red circle" matches all red circles).
+shape and, at random, the colour, the texture and the position (each half of the time), in one
+of a few sentence forms. The objective is CLIP's symmetric cross-entropy with multi-positive
+targets: a caption counts as a match for every image in the batch it truly describes ("a red
+circle" matches all red circles).
 
 Only the first ``TEXT_TRAIN_LENGTH`` text positions are run during pretraining: captions are
 shorter, and with CLIP's causal mask and end-of-text pooling the features are identical to the
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +47,7 @@ from dpt_fast.toy.world import COLOURS, POSITIONS, SHAPES, TEXTURES, Scene, rend
 
 # Probability that a caption names each attribute (the shape is always named).
 MENTION_COLOUR = 0.5
-MENTION_TEXTURE = 0.35
+MENTION_TEXTURE = 0.5
 MENTION_POSITION = 0.5
 SENTENCE_FORMS = ("{}", "{}.", "a photo of {}.")
 TEXT_TRAIN_LENGTH = 16  # text positions run in pretraining (captions need at most 12)
@@ -53,15 +57,16 @@ LOG_EVERY = 100
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
-    threads: int = 2
+    threads: int = 1  # CPU threads: part of the recipe (it changes the rounding)
     init: str = ""  # start from these compact weights (a stage-2 run), "" = from scratch
     mention_colour: float = MENTION_COLOUR  # probability that a caption names the colour
     mention_texture: float = MENTION_TEXTURE  # probability that a caption names the texture
+    checkpoint_every: int = 0  # also write <out>.step<N> every N steps (0: only the end)
 
 
 def _attributes(scene: Scene) -> tuple[int, int, int, int]:
@@ -128,9 +133,27 @@ def _lr_factor(step: int, config: PretrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(config: PretrainConfig, log=print) -> nn.Module:
-    """Train the toy CLIP from scratch; returns it in eval mode."""
+def pretrain(config: PretrainConfig, log=print,
+             checkpoint: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Train the toy CLIP from scratch; returns it in eval mode.
+
+    ``checkpoint(step, model)`` is called every ``config.checkpoint_every`` steps with the model
+    as it stands (embedding rows written back; the model is in train mode, do not modify it).
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    # A fixed thread count and deterministic kernels: the same machine and torch build give the
+    # same weights bit for bit (see MODEL_CARD.md for what differs across machines).
     torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(config, log, checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(config: PretrainConfig, log,
+           checkpoint: Callable[[int, nn.Module], None] | None) -> nn.Module:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = build_toy_clip(seed=config.seed)
@@ -167,6 +190,11 @@ def pretrain(config: PretrainConfig, log=print) -> nn.Module:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         running += loss.item()
+        if checkpoint is not None and config.checkpoint_every > 0 \
+                and (step + 1) % config.checkpoint_every == 0:
+            with torch.no_grad():
+                model.token_embedding.weight[ids] = rows
+            checkpoint(step + 1, model)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
             n = (step % LOG_EVERY) + 1
             log(f"step {step + 1}/{config.steps} loss {running / n:.4f} "
@@ -187,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = PretrainConfig(**{k: getattr(args, k) for k in vars(defaults)})
     start = time.perf_counter()
-    model = pretrain(config)
+
+    def checkpoint(step: int, model: nn.Module) -> None:
+        path = Path(f"{args.out}.step{step}")
+        print(f"wrote {path}; SHA-256 {save_toy_weights(model, path)}")
+
+    model = pretrain(config, checkpoint=checkpoint)
     digest = save_toy_weights(model, args.out)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f}s; SHA-256 {digest}")
     return 0
