@@ -9,8 +9,10 @@ torch is a CUDA build and nvcc is found. Environment switches:
 * ``DPT_FAST_SKIP_EXT=1``: install the pure-Python package only (the ops fall back to PyTorch).
 * ``CUDA_HOME``: the toolkit folder; detected from ``nvcc`` when unset, following wrapper scripts.
 
-Install with ``pip install --no-build-isolation .`` so the extension is compiled against the
-torch already in the environment.
+Install with ``pip install -e .`` (or ``pip install .``): the extension is compiled against the
+torch already in the environment, which the project's build backend
+(``build_backend/dpt_fast_backend.py``) makes importable inside pip's isolated build;
+``--no-build-isolation`` works too.
 """
 
 from __future__ import annotations

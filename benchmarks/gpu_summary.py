@@ -1,9 +1,14 @@
-"""Summarise a gpu_check.sh run: steps, CUDA test results, the op ratio and benchmark means.
+"""Summarise one gpu_check.sh call: steps, CUDA test results, the op ratio and benchmark means.
 
 Usage: python benchmarks/gpu_summary.py OUT_DIR [LOG_DIR]
-  -> OUT_DIR/summary.json, markdown on stdout. LOG_DIR (default OUT_DIR) holds steps.tsv and
-  env.log; OUT_DIR holds cuda_tests.xml, caa_ratio.json and bench_*.json. Any of them may be
-  missing or cut short (gpu_check.sh rewrites the summary after every step).
+  -> OUT_DIR/summary.json, markdown on stdout. LOG_DIR (default OUT_DIR) holds steps.tsv,
+  call.txt (the steps asked for) and env.log; OUT_DIR holds cuda_tests.xml, caa_ratio.json and
+  bench_*.json. Any of them may be missing or cut short (gpu_check.sh rewrites the summary after
+  every step).
+
+The call's status: "failed" when a step exited non-zero, the carried wheels were missing, a CUDA
+test failed, or no step ran; else "incomplete" when a step was skipped for lack of time; else
+"passed".
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 
 
 def read_steps(logs: Path) -> list[dict]:
-    """steps.tsv rows: name, exit status (an int, or "skipped"/"missing"), seconds."""
+    """steps.tsv rows: name, exit status (an int, or "skipped"/"missing"/"reused"), seconds."""
     path = logs / "steps.tsv"
     if not path.exists():
         return []
@@ -74,18 +79,33 @@ def read_benchmarks(out: Path) -> dict[str, list[dict] | dict]:
     return suites
 
 
+def call_status(steps: list[dict], tests: dict) -> str:
+    """passed, incomplete (a step skipped for lack of time) or failed (see the module doc)."""
+    failed = [s for s in steps if s["exit"] == "missing"
+              or (isinstance(s["exit"], int) and s["exit"] != 0)]
+    if failed or not steps or tests.get("failures") or tests.get("errors") or "unreadable" in tests:
+        return "failed"
+    return "incomplete" if any(s["exit"] == "skipped" for s in steps) else "passed"
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     logs = Path(sys.argv[2]) if len(sys.argv) > 2 else out
     env_log = logs / "env.log"
+    call = logs / "call.txt"
+    steps = read_steps(logs)
+    tests = read_tests(out)
     summary = {
+        "call": call.read_text().split() if call.exists() else [],
+        "status": call_status(steps, tests),
         "environment": env_log.read_text() if env_log.exists() else "",
-        "steps": read_steps(logs),
-        "cuda_tests": read_tests(out),
+        "steps": steps,
+        "cuda_tests": tests,
         "caa_ratio": read_json(out / "caa_ratio.json"),
         "benchmarks": read_benchmarks(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(" ".join(["gpu_check.sh", *summary["call"]]) + f": {summary['status']}\n")
     print("| step | exit | seconds |\n|---|---|---|")
     for s in summary["steps"]:
         print(f"| {s['step']} | {s['exit']} | {s['seconds']} |")

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 HAS_CUDA = torch.cuda.is_available()
+# Set on a GPU machine (benchmarks/gpu_check.sh): there, a missing GPU is a failure, not skips.
+REQUIRE_CUDA = os.environ.get("DPT_FAST_REQUIRE_CUDA", "0") == "1"
 
 if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,6 +35,10 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 def pytest_collection_modifyitems(config, items):
+    if REQUIRE_CUDA and not HAS_CUDA:
+        raise pytest.UsageError(
+            "DPT_FAST_REQUIRE_CUDA=1 but torch.cuda.is_available() is False: the CUDA tests "
+            "would all skip. Run them where torch sees a GPU, or unset DPT_FAST_REQUIRE_CUDA.")
     # Tests marked `cuda` skip with the device reason on machines without a GPU.
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import report
+from benchmark_scripts import load
+
+report = load("report")
+
 
 
 def _bench(impl: str, batch: int, median_ms: float, device: str = "cpu") -> dict:
