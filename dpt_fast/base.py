@@ -20,7 +20,6 @@ from dpt_fast.clip_interop import (
     clip_geometry,
     encode_text_tokens,
     run_block,
-    vision_batch_first,
     vision_embed,
     vision_head,
 )
@@ -213,9 +212,8 @@ class DPTBase(nn.Module):
         """The frozen CLIP's image features (B, E) of unprompted images (= encode_image)."""
         visual = self.clip.visual
         x = vision_embed(visual, images)
-        batch_first = vision_batch_first(visual)
         for block in visual.transformer.resblocks:
-            x = run_block(block, x, batch_first)
+            x = run_block(block, x)
         return vision_head(visual, x)
 
     def encode_learned_text(self) -> torch.Tensor:

@@ -4,6 +4,10 @@ A prompt token appended before a block and dropped after it changes the other to
 through its key and value in the attention (its query, attention output and MLP output are
 discarded). :class:`BlockParts` exposes the pieces that make this exact shortcut possible:
 q/k/v projections of any token subset, the output projection + residual, and the MLP.
+
+Both open_clip attention forms (``nn.MultiheadAttention`` and open_clip's own ``Attention``) hold
+the same ``in_proj_weight``/``in_proj_bias``/``out_proj`` parameters; which blocks qualify is
+decided in :mod:`dpt_fast.clip_interop`, never here.
 """
 
 from __future__ import annotations
@@ -12,36 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpt_fast.clip_interop import BlockSpec, check_fast_block
 from dpt_fast.ops import prompt_attention
-
-
-def check_fast_block(block: nn.Module, where: str) -> None:
-    """Refuse blocks the fast path does not decompose (the reference model runs them all)."""
-    attn = getattr(block, "attn", None)
-    if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
-        raise TypeError(
-            f"{where}: the fast DPT needs open_clip's ResidualAttentionBlock with a packed "
-            f"nn.MultiheadAttention, got {type(block).__name__}; use dpt_fast.reference.DPT"
-        )
-    if hasattr(block, "ln_1_kv"):
-        raise TypeError(f"{where}: cross-attention blocks are not supported by the fast DPT")
 
 
 def fast_blocks(transformer: nn.Module, tower: str) -> list[BlockParts]:
     """The decomposed blocks of an open_clip transformer, refused with a reason if unsupported."""
-    for i, block in enumerate(transformer.resblocks):
-        check_fast_block(block, f"{tower} block {i}")
-    return [BlockParts(b) for b in transformer.resblocks]
+    return [BlockParts(block, check_fast_block(block, f"{tower} block {i}"))
+            for i, block in enumerate(transformer.resblocks)]
 
 
 class BlockParts:
     """Pieces of one residual block on batch-first tokens; H heads of width D = W / H."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, spec: BlockSpec) -> None:
         self.block = block
-        attn = block.attn
-        self.heads = attn.num_heads
-        self.width = attn.embed_dim
+        self.heads = spec.heads
+        self.width = spec.width
         self.head_dim = self.width // self.heads
 
     def _project(self, h: torch.Tensor, rows: slice) -> torch.Tensor:

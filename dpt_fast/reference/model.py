@@ -16,7 +16,6 @@ from dpt_fast.clip_interop import (
     text_head,
     text_positions,
     text_transformer,
-    vision_batch_first,
     vision_embed,
     vision_head,
 )
@@ -40,7 +39,6 @@ class DPT(DPTBase):
             # parameter reaches it, so no graph is kept.
             return self.encode_image_frozen(images), None
         visual = self.clip.visual
-        batch_first = vision_batch_first(visual)
         x = vision_embed(visual, images)  # (B, N, W)
         batch, n_tokens = x.shape[:2]
         n_deep = self.visual_prompts.n_layers if self.visual_prompts is not None else 0
@@ -54,10 +52,10 @@ class DPT(DPTBase):
                 )
                 layer_logits.append(logits)
             else:
-                x = run_block(block, x, batch_first)
+                x = run_block(block, x)
                 continue
             # Append the layer's prompt tokens, run the layer, drop their outputs.
-            x = run_block(block, torch.cat([x, extra.to(x.dtype)], dim=1), batch_first)
+            x = run_block(block, torch.cat([x, extra.to(x.dtype)], dim=1))
             x = x[:, :n_tokens]
         stacked = torch.stack(layer_logits, dim=1) if layer_logits else None  # (B, Lc, K, C)
         return vision_head(visual, x), stacked

@@ -1,10 +1,8 @@
-"""The parts of an open_clip CLIP that DPT runs itself.
+"""The towers of an open_clip CLIP, run piece by piece.
 
-DPT inserts tokens between transformer layers, so it cannot call ``encode_image`` as one piece:
-it runs the patch embedding, each residual block and the pooling head separately. These helpers
-do exactly what open_clip's ``VisionTransformer.forward`` and ``CLIP.encode_text`` do, piece by
-piece, for the models DPT supports (a ViT image tower with CLS pooling, the CLIP text tower with
-arg-max EOT pooling), and reject the others with the reason.
+These helpers do exactly what open_clip's ``VisionTransformer.forward`` and ``CLIP.encode_text``
+do, piece by piece, for the models DPT supports (a ViT image tower with CLS pooling, the CLIP
+text tower with arg-max EOT pooling), and reject the others with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dpt_fast.clip_interop.blocks import block_spec, run_block
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,15 @@ def _fail(reason: str) -> None:
     raise TypeError(f"dpt_fast needs an open_clip CLIP with a ViT image tower: {reason}")
 
 
-def _attn_heads(block: nn.Module) -> int:
-    attn = getattr(block, "attn", None)
-    heads = getattr(attn, "num_heads", None)
-    if heads is None:
-        _fail(f"{type(block).__name__} has no multi-head attention with num_heads")
-    return int(heads)
-
-
 def clip_geometry(clip: nn.Module) -> ClipGeometry:
     """Check that ``clip`` is a model DPT supports and read its sizes.
 
+    Every residual block of both towers must be one :func:`block_spec` recognises (either
+    open_clip attention form); the layout each block runs in is read off it there.
+
     Raises:
         TypeError: naming what is missing or unsupported (ResNet image towers, attention
-            pooling, Hugging Face text towers, non-argmax text pooling).
+            pooling, Hugging Face text towers, non-argmax text pooling, unknown blocks).
     """
     visual = getattr(clip, "visual", None)
     if visual is None:
@@ -71,6 +66,9 @@ def clip_geometry(clip: nn.Module) -> ClipGeometry:
         _fail("the text transformer has no causal attention mask")
 
     blocks = visual.transformer.resblocks
+    specs = [block_spec(b) for b in blocks]
+    for block in clip.transformer.resblocks:
+        block_spec(block)
     image_size = visual.image_size if hasattr(visual, "image_size") else visual.input_resolution
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
@@ -79,31 +77,13 @@ def clip_geometry(clip: nn.Module) -> ClipGeometry:
     return ClipGeometry(
         vision_layers=len(blocks),
         vision_width=int(width),
-        vision_heads=_attn_heads(blocks[0]),
+        vision_heads=specs[0].heads,
         embed_dim=int(proj.shape[1]) if proj is not None else int(width),
         image_size=(int(image_size[0]), int(image_size[1])),
         text_width=int(clip.token_embedding.weight.shape[1]),
         context_length=int(clip.positional_embedding.shape[0]),
         vocab_size=int(clip.token_embedding.weight.shape[0]),
     )
-
-
-def _batch_first(transformer: nn.Module) -> bool:
-    # open_clip < 2.24 ran its transformers sequence-first (LND); newer ones batch-first.
-    return bool(getattr(transformer, "batch_first", False))
-
-
-def run_block(
-    block: nn.Module, x: torch.Tensor, batch_first: bool, attn_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One residual block on batch-first tokens x: (B, N, W) -> (B, N, W)."""
-    if batch_first:
-        return block(x, attn_mask=attn_mask)
-    return block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
-
-
-def vision_batch_first(visual: nn.Module) -> bool:
-    return _batch_first(visual.transformer)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
@@ -155,9 +135,8 @@ def text_transformer(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Causal text transformer on embedded prompts x: (C, T, D) -> (C, T, D)."""
     transformer = clip.transformer
     mask = clip.attn_mask[: x.shape[1], : x.shape[1]]
-    batch_first = _batch_first(transformer)
     for block in transformer.resblocks:
-        x = run_block(block, x, batch_first, attn_mask=mask)
+        x = run_block(block, x, attn_mask=mask)
     return x
 
 
