@@ -7,7 +7,6 @@ logits, the objective, ``state_dict`` and checkpoint loading — lives here once
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -32,19 +31,14 @@ from dpt_fast.prompts import (
     TextPrompts,
     prompt_class_name,
 )
+from dpt_fast.state_dict_meta import (
+    META_CLASSNAMES,
+    decode_json_tensor,
+    load_post_hook,
+    load_pre_hook,
+    state_dict_post_hook,
+)
 from dpt_fast.tokenizer import ClipTokenizer
-
-# Metadata entries added to state_dict() so that loading can say *why* a checkpoint does not fit.
-META_CLASSNAMES = "dpt_meta.classnames"
-META_CONFIG = "dpt_meta.config"
-
-
-def encode_json_tensor(obj) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).clone()
-
-
-def decode_json_tensor(t: torch.Tensor):
-    return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
 
 
 def _check_classnames(classnames: Sequence[str]) -> list[str]:
@@ -169,9 +163,9 @@ class DPTBase(nn.Module):
         )
         # The run's TrainConfig (a dict) when the model comes from a checkpoint.
         self.train_config: dict | None = None
-        self.register_state_dict_post_hook(_state_dict_post_hook)
-        self.register_load_state_dict_pre_hook(_load_pre_hook)
-        self.register_load_state_dict_post_hook(_load_post_hook)
+        self.register_state_dict_post_hook(state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(load_pre_hook)
+        self.register_load_state_dict_post_hook(load_post_hook)
 
     # ----------------------------------------------------------------------------- basics
     @property
@@ -378,72 +372,3 @@ class DPTBase(nn.Module):
         authors' loader does, so prompts trained on other classes can be evaluated here.
         """
         official.load_official_checkpoint(self, directory, epoch, load_layer_classifiers)
-
-
-# ------------------------------------------------------------------------------ state_dict hooks
-def _state_dict_post_hook(module: DPTBase, state_dict, prefix: str, local_metadata) -> None:
-    # The frozen CLIP is not part of DPT's state: drop it, and record what the prompts belong to.
-    for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
-        del state_dict[key]
-    state_dict[prefix + META_CLASSNAMES] = encode_json_tensor(module.classnames)
-    state_dict[prefix + META_CONFIG] = encode_json_tensor(module.config.model_fields())
-
-
-def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
-    problems = []
-    if classnames != module.classnames:
-        if len(classnames) != len(module.classnames):
-            problems.append(f"it was made for {len(classnames)} classes, this model has "
-                            f"{len(module.classnames)}")
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(classnames, module.classnames, strict=True))
-                     if a != b)
-            problems.append(f"its class {i} is {classnames[i]!r}, this model's is "
-                            f"{module.classnames[i]!r}")
-    ours = module.config.model_fields()
-    for field in module.config.differing_model_fields(config):
-        problems.append(f"DPTConfig.{field} is {config.get(field)!r} in the state_dict, "
-                        f"{ours.get(field)!r} in this model")
-    return problems
-
-
-def _load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, missing_keys,
-                   unexpected_keys, error_msgs) -> None:
-    # A foreign or mismatched state_dict is reported through missing/unexpected keys: torch
-    # refuses those exactly when the caller, at whatever depth DPT is nested, loads with
-    # strict=True (it passes strict=True to every hook, so the flag itself cannot be read here).
-    module._load_prefix = prefix
-    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        value = state_dict[key]
-        if torch.is_tensor(value) and value.is_floating_point() and \
-                not bool(torch.isfinite(value).all()):
-            raise ValueError(f"state_dict tensor {key} holds NaN or infinite values: the run "
-                             "that saved it diverged; it cannot be loaded")
-        target = own.get(key[len(prefix):])
-        if torch.is_tensor(value) and target is not None and target.shape != value.shape:
-            # torch would raise even under strict=False: leave it out and report it instead.
-            del state_dict[key]
-            unexpected_keys.append(f"{key} (shape {tuple(value.shape)} in the state_dict, "
-                                   f"{tuple(target.shape)} in this model)")
-    names = state_dict.pop(prefix + META_CLASSNAMES, None)
-    config = state_dict.pop(prefix + META_CONFIG, None)
-    if names is None or config is None:
-        missing_keys.append(
-            f"{prefix}{META_CLASSNAMES} and {prefix}{META_CONFIG} (the state_dict was not "
-            "written by dpt_fast's DPT.state_dict(); for the authors' checkpoints use "
-            "load_official_checkpoint)"
-        )
-        return
-    problems = _describe_mismatch(module, decode_json_tensor(names), decode_json_tensor(config))
-    if problems:
-        unexpected_keys.append(f"{prefix}{META_CLASSNAMES}/{META_CONFIG} of another model: the "
-                               "state_dict does not belong to this model: " + "; ".join(problems))
-
-
-def _load_post_hook(module: DPTBase, incompatible_keys) -> None:
-    # The CLIP's weights are not in DPT's state_dict by design: they are not "missing".
-    clip_prefix = getattr(module, "_load_prefix", "") + "clip."
-    incompatible_keys.missing_keys[:] = [
-        k for k in incompatible_keys.missing_keys if not k.startswith(clip_prefix)
-    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpt_fast.base import META_CLASSNAMES, META_CONFIG, DPTBase, decode_json_tensor
+from dpt_fast.base import DPTBase
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import PER_DATASET, config_diff, fields_with
 from dpt_fast.data import (
@@ -50,6 +50,7 @@ from dpt_fast.engine.seeding import seed_all
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
+from dpt_fast.state_dict_meta import META_CLASSNAMES, META_CONFIG, decode_json_tensor
 
 log = logging.getLogger("dpt_fast")
 
