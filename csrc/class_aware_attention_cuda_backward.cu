@@ -100,8 +100,11 @@ struct FusedBackwardSmem {
 // Backward pass for one batch element and kBwdKeys keys (see the file comment).
 // grid (B, ceil(M / kBwdKeys)), block kBwdThreads, dynamic shared memory FusedBackwardSmem.
 // Needs K <= KT <= 32 and dv % kBwdVec == 0 with v, grad_out, dv aligned to kBwdVec elements.
+// The explicit minimum of one block per SM lets ptxas use the registers it needs: left to its
+// own occupancy target it held <float, 4> to 64 registers on sm_90 and spilled (nvcc 13.0,
+// .ci/nvcc_check.py); with it, 96 registers and no spill.
 template <typename scalar_t, int KT>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdThreads, 1)
     caa_backward_fused_kernel(const scalar_t* __restrict__ q,   // (B, K, dk)
                               const scalar_t* __restrict__ k,   // (B, M, dk)
                               const scalar_t* __restrict__ v,   // (B, M, dv)
