@@ -1,7 +1,7 @@
 """Compile every Triton kernel of dpt_fast ahead of time for a GPU, report each one's resources.
 
 Usage: python .ci/triton_aot_check.py [--archs 90,80] [--shapes NAME,...] [--dtypes bf16,...]
-                                      [--jobs N]
+                                      [--kernels NAME,...] [--quick] [--jobs N]
 
 No GPU is needed. A stand-in Triton driver names the GPU to compile for (sm_90: H100/H200; sm_80:
 A100); the op's own launchers (``dpt_fast.kernels.prompt_attention``, under ``compile_only``)
@@ -17,6 +17,12 @@ that use it, registers per thread, spill stores / loads in bytes, shared memory 
 Exit status 1 when a compile fails, or a kernel the launchers may launch spills registers,
 needs more shared memory per block than the GPU has, or more registers per block than an SM
 has (registers per thread × 32 × warps).
+
+``.ci/run`` runs it for sm_90 with the installed triton (the ``triton_aot`` stage), and with
+``--quick`` in the venv of the GPU machine's versions (``aot_image``). The full check with that
+triton (3.6), or any other: from a venv where that triton and dpt_fast are installed, run
+``python .ci/triton_aot_check.py`` there (the script needs triton and torch's dtypes, not a
+torch built for that triton); ``--archs 90,80`` adds the A100.
 """
 
 from __future__ import annotations
@@ -336,7 +342,7 @@ def _list(value: str, allowed: dict | list) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="90,80",
+    parser.add_argument("--archs", default="90",
                         type=lambda v: [int(a) for a in _list(v, [str(g) for g in GPUS])])
     parser.add_argument("--shapes", default=",".join(SHAPES), type=lambda v: _list(v, SHAPES))
     parser.add_argument("--dtypes", default=",".join(DTYPES), type=lambda v: _list(v, DTYPES))
