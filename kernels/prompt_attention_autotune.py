@@ -48,10 +48,11 @@ FP32 = (IEEE, TF32)
 class Spec:
     """One autotuning candidate and where it applies.
 
-    max_dim and takes come from compiling every candidate for sm_90 and reading ptxas' register
-    and stack use (``.ci/triton_aot_check.py``): beyond max_dim the candidate spills registers;
-    fp32 inputs need far more registers than fp16 / bf16 (and IEEE dots other registers than
-    TF32 ones), so only small tiles take them.
+    min_dim, max_dim and takes come from compiling every candidate for sm_90 and reading
+    ptxas' register and spill report (``.ci/triton_aot_check.py``, with the installed triton
+    and with the GPU machine's, whose register allocation differs): outside its head dims the
+    candidate spills registers; fp32 inputs need far more registers than fp16 / bf16 (and IEEE
+    dots other registers than TF32 ones), so only small tiles take them.
     """
 
     block_m: int
@@ -60,6 +61,7 @@ class Spec:
     stages: int
     max_dim: int = 128
     takes: tuple[str, ...] = (HALF,)
+    min_dim: int = 1
 
     def config(self) -> triton.Config:
         return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
@@ -82,8 +84,7 @@ FORWARD_SPECS = [
 DKDV_SPECS = [
     Spec(32, 128, 8, 2, 64), Spec(16, 128, 8, 2, 64), Spec(64, 64, 8, 2, 64),
     Spec(32, 64, 8, 2, 64), Spec(32, 64, 4, 2, 64), Spec(16, 64, 8, 2),
-    Spec(16, 32, 4, 2, 64, (HALF, *FP32)), Spec(16, 32, 8, 2, 128, FP32),
-    Spec(16, 16, 4, 2, 128, FP32),
+    Spec(16, 32, 4, 2, 64, (HALF, *FP32)), Spec(16, 32, 8, 1, 128, FP32),
 ]
 # dQ: BLOCK_M queries per program, BLOCK_N keys per loop step.
 DQ_SPECS = [
@@ -91,7 +92,7 @@ DQ_SPECS = [
     Spec(64, 64, 8, 2, 64), Spec(32, 64, 4, 2), Spec(16, 64, 4, 2, 64, (HALF, *FP32)),
     Spec(32, 32, 4, 2, 64), Spec(16, 64, 8, 2, 64, (HALF, *FP32)),
     Spec(32, 32, 8, 2, 64, (HALF, *FP32)), Spec(16, 32, 8, 2, 128, (TF32,)),
-    Spec(16, 16, 4, 2, 128, (IEEE,)),
+    Spec(16, 16, 8, 2, 128, (IEEE,), min_dim=65),
 ]
 
 
@@ -121,8 +122,8 @@ def autotune_args(specs: list[Spec], interpreted: bool = INTERPRETED) -> dict:
         """
         args = {**nargs, **kwargs}
         kind = args["DOT_PRECISION"] if args["Q"].dtype == torch.float32 else HALF
-        fitting = [c for c in configs
-                   if spec_of(c).max_dim >= args["HEAD_DIM"] and kind in spec_of(c).takes]
+        fitting = [c for c in configs if kind in spec_of(c).takes
+                   and spec_of(c).min_dim <= args["HEAD_DIM"] <= spec_of(c).max_dim]
         if not fitting:
             raise ValueError(
                 f"no launch configuration takes head dim {args['HEAD_DIM']} with "
