@@ -32,6 +32,7 @@ from .prompt_attention_autotune import (
     INTERPRETED,
     SETTINGS,
     block_at_least,
+    compile_only,
     fixed_blocks,
 )
 from .prompt_attention_backward import (
@@ -41,7 +42,7 @@ from .prompt_attention_backward import (
 )
 from .prompt_attention_forward import forward_kernel
 
-__all__ = ["fixed_blocks", "prompt_attention_bwd", "prompt_attention_fwd"]
+__all__ = ["compile_only", "fixed_blocks", "prompt_attention_bwd", "prompt_attention_fwd"]
 
 _LOG2E = 1.4426950408889634
 
@@ -78,7 +79,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: T
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must match q's dtype and device ({q.dtype} on {q.device}), "
                              f"got {t.dtype} on {t.device}")
-    if q.device.type == "cpu" and not INTERPRETED:
+    if q.device.type == "cpu" and not INTERPRETED and not SETTINGS["compile_only"]:
         raise RuntimeError(
             "the prompt_attention Triton kernels run on CPU tensors only in Triton's "
             "interpreter: set TRITON_INTERPRET=1 before anything imports triton, or pass CUDA "
@@ -101,6 +102,18 @@ def _kernel_meta(q: Tensor, k: Tensor, k_prompt: Tensor, causal: bool) -> dict:
     }
 
 
+def _run(
+    kernel: triton.JITFunction | triton.runtime.Autotuner,
+    grid: tuple[int, int, int] | Callable[[dict], tuple[int, int, int]], args: tuple, meta: dict,
+) -> None:
+    """Launches a kernel, or under ``compile_only`` compiles it without launching (an autotuned
+    kernel: every configuration its pruning keeps for these arguments)."""
+    if SETTINGS["compile_only"]:
+        kernel.warmup(*args, **meta, grid=grid)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def _launch(
     kernel: triton.runtime.Autotuner, grid_blocks: Callable[[int, int], int], batch: int,
     heads: int, args: tuple, meta: dict,
@@ -112,13 +125,14 @@ def _launch(
     if SETTINGS["fixed_blocks"] is not None:
         block_m, block_n = SETTINGS["fixed_blocks"]
         grid = (grid_blocks(block_m, block_n), heads, batch)
-        kernel.fn[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        _run(kernel.fn, grid, args, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                     "num_warps": 4})
         return
 
     def grid(cfg: dict) -> tuple[int, int, int]:
         return grid_blocks(cfg["BLOCK_M"], cfg["BLOCK_N"]), heads, batch
 
-    kernel[grid](*args, **meta)
+    _run(kernel, grid, args, meta)
 
 
 def prompt_attention_fwd(
@@ -212,11 +226,12 @@ def _launch_bwd(
     n_k, n_p = k.shape[2], k_prompt.shape[2]
     meta = _kernel_meta(q, k, k_prompt, causal)
     delta = _empty(lse.shape, torch.float32, lse.device)
-    pre_block = 64
-    backward_preprocess_kernel[(triton.cdiv(n_q, pre_block), heads, batch)](
-        out, do, delta, *_strides3(out), *_strides3(do), heads, n_q,
-        HEAD_DIM=dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block,
-    )
+    # 64 rows, or fewer when there are fewer queries (the CLS query alone: a 64-row block is
+    # 63 masked rows, and in fp32 at head dim 128 ptxas spills for it).
+    pre_block = min(64, block_at_least(n_q))
+    _run(backward_preprocess_kernel, (triton.cdiv(n_q, pre_block), heads, batch),
+         (out, do, delta, *_strides3(out), *_strides3(do), heads, n_q),
+         {"HEAD_DIM": dim, "BLOCK_D": meta["BLOCK_D"], "BLOCK_M": pre_block})
     if n_p == 0:
         # Never read or written (no prompt blocks): real pointers in place of empty tensors.
         k_prompt, v_prompt, dkp, dvp = k, v, dk, dv

@@ -33,17 +33,26 @@ if INTERPRETED != _TRITON_INTERPRETS:
     )
 
 # Launch settings read by the launchers: "fixed_blocks" is (BLOCK_M, BLOCK_N) forced by
-# `fixed_blocks`, bypassing the autotuner, or None.
-SETTINGS: dict[str, tuple[int, int] | None] = {"fixed_blocks": None}
+# `fixed_blocks`, bypassing the autotuner, or None; "compile_only" is set by `compile_only`.
+SETTINGS: dict[str, tuple[int, int] | bool | None] = {"fixed_blocks": None, "compile_only": False}
+
+
+# What a candidate takes (Spec.takes): fp16 / bf16 inputs, fp32 inputs with exact ("ieee") dots,
+# fp32 inputs with TF32 dots. The three need different registers, so each candidate lists those
+# it compiles for without spilling.
+HALF, IEEE, TF32 = "half", "ieee", "tf32"
+FP32 = (IEEE, TF32)
 
 
 @dataclass(frozen=True)
 class Spec:
     """One autotuning candidate and where it applies.
 
-    max_dim and fp32 come from compiling every candidate for sm_90 and reading ptxas' register
-    and stack use: beyond max_dim the candidate spills registers; fp32 inputs (exact IEEE dots)
-    need far more registers than fp16 / bf16, so only small tiles take them.
+    min_dim, max_dim and takes come from compiling every candidate for sm_90 and reading
+    ptxas' register and spill report (``.ci/triton_aot_check.py``, with the installed triton
+    and with the GPU machine's, whose register allocation differs): outside its head dims the
+    candidate spills registers; fp32 inputs need far more registers than fp16 / bf16 (and IEEE
+    dots other registers than TF32 ones), so only small tiles take them.
     """
 
     block_m: int
@@ -51,7 +60,8 @@ class Spec:
     warps: int
     stages: int
     max_dim: int = 128
-    fp32: bool = False
+    takes: tuple[str, ...] = (HALF,)
+    min_dim: int = 1
 
     def config(self) -> triton.Config:
         return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
@@ -61,27 +71,28 @@ class Spec:
 # The interpreter runs NumPy per block: one small candidate, so the autotuner never benchmarks.
 INTERPRETER_SPECS = [
     Spec(TRITON_KERNELS.min_block, TRITON_KERNELS.min_block, 1, 1, TRITON_KERNELS.max_head_dim,
-         True),
+         (HALF, *FP32)),
 ]
 
 # Forward: BLOCK_M queries per program, BLOCK_N keys per loop step.
 FORWARD_SPECS = [
     Spec(128, 64, 8, 3), Spec(128, 32, 8, 3), Spec(64, 64, 4, 3, 64), Spec(64, 32, 4, 3),
-    Spec(32, 64, 4, 2), Spec(16, 64, 4, 2, 64, fp32=True), Spec(32, 32, 4, 2, 64, fp32=True),
-    Spec(16, 64, 8, 2, fp32=True),
+    Spec(32, 64, 4, 2, 64), Spec(32, 32, 4, 2, 64), Spec(16, 64, 4, 2, 64, (HALF, *FP32)),
+    Spec(32, 32, 8, 2, 64, FP32), Spec(16, 64, 8, 2, 128, (HALF, *FP32)),
 ]
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per loop step.
 DKDV_SPECS = [
     Spec(32, 128, 8, 2, 64), Spec(16, 128, 8, 2, 64), Spec(64, 64, 8, 2, 64),
-    Spec(32, 64, 8, 2, 64), Spec(32, 64, 4, 2, 64), Spec(16, 64, 8, 2, fp32=True),
-    Spec(16, 32, 4, 2, 64, fp32=True),
+    Spec(32, 64, 8, 2, 64), Spec(32, 64, 4, 2, 64), Spec(16, 64, 8, 2),
+    Spec(16, 32, 4, 2, 64, (HALF, *FP32)), Spec(16, 32, 8, 1, 128, FP32),
 ]
 # dQ: BLOCK_M queries per program, BLOCK_N keys per loop step.
 DQ_SPECS = [
     Spec(128, 32, 8, 2, 64), Spec(64, 32, 4, 2), Spec(128, 64, 8, 2, 64),
-    Spec(64, 64, 8, 2, 64), Spec(32, 64, 4, 2), Spec(16, 64, 4, 2, 64, fp32=True),
-    Spec(32, 32, 4, 2, 64, fp32=True), Spec(16, 64, 8, 2, fp32=True),
-    Spec(32, 32, 8, 2, fp32=True),
+    Spec(64, 64, 8, 2, 64), Spec(32, 64, 4, 2), Spec(16, 64, 4, 2, 64, (HALF, *FP32)),
+    Spec(32, 32, 4, 2, 64), Spec(16, 64, 8, 2, 64, (HALF, *FP32)),
+    Spec(32, 32, 8, 2, 64, (HALF, *FP32)), Spec(16, 32, 8, 2, 128, (TF32,)),
+    Spec(16, 16, 8, 2, 128, (IEEE,), min_dim=65),
 ]
 
 
@@ -110,11 +121,14 @@ def autotune_args(specs: list[Spec], interpreted: bool = INTERPRETED) -> dict:
         the launchers put the shapes) as kwargs.
         """
         args = {**nargs, **kwargs}
-        is_fp32 = args["Q"].dtype == torch.float32
-        fitting = [
-            c for c in configs
-            if spec_of(c).max_dim >= args["HEAD_DIM"] and (spec_of(c).fp32 or not is_fp32)
-        ] or [min(configs, key=_tile)]
+        kind = args["DOT_PRECISION"] if args["Q"].dtype == torch.float32 else HALF
+        fitting = [c for c in configs if kind in spec_of(c).takes
+                   and spec_of(c).min_dim <= args["HEAD_DIM"] <= spec_of(c).max_dim]
+        if not fitting:
+            raise ValueError(
+                f"no launch configuration takes head dim {args['HEAD_DIM']} with "
+                f"{args['Q'].dtype} inputs ({kind}) without spilling registers; "
+                f"TRITON_KERNELS.max_head_dim should have sent this call to the PyTorch path")
         max_m = block_at_least(args["N_Q"])
         max_n = block_at_least(max(args["N_K"], args["N_P"]))
         small = [c for c in fitting if _tile(c)[0] <= max_m and _tile(c)[1] <= max_n]
@@ -123,7 +137,9 @@ def autotune_args(specs: list[Spec], interpreted: bool = INTERPRETED) -> dict:
 
     return {
         "configs": [s.config() for s in specs],
-        "key": ["N_Q", "N_K", "N_P", "HEAD_DIM", "CAUSAL"],
+        # Every argument that changes the compiled code or its speed besides the tensors'
+        # dtypes (which triton adds itself): a config tuned for TF32 dots is no pick for IEEE.
+        "key": ["N_Q", "N_K", "N_P", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"],
         "prune_configs_by": {"early_config_prune": prune},
     }
 
@@ -145,3 +161,25 @@ def fixed_blocks(block_m: int, block_n: int) -> Iterator[None]:
         yield
     finally:
         SETTINGS["fixed_blocks"] = previous
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Within the block, the launchers check and prepare their arguments as for a launch but
+    hand them to Triton's ``warmup`` (compile, never run) instead of launching.
+
+    CPU tensors stand in for CUDA ones (Triton specializes on dtypes, strides, sizes and pointer
+    alignment, all of which CPU tensors share); outputs are left unwritten. For the ahead-of-time
+    compile check (``.ci/triton_aot_check.py``), which installs a Triton driver that names the
+    GPU to compile for and catches the compiles through Triton's ``jit_cache_hook``. Needs
+    Triton's compiler: not available when the kernels are interpreted.
+    """
+    if INTERPRETED:
+        raise RuntimeError("compile_only needs Triton's compiler: unset TRITON_INTERPRET before "
+                           "triton is imported")
+    previous = SETTINGS["compile_only"]
+    SETTINGS["compile_only"] = True
+    try:
+        yield
+    finally:
+        SETTINGS["compile_only"] = previous

@@ -159,14 +159,17 @@ def test_launchers_reject_what_the_table_excludes(device):
         launchers.prompt_attention_fwd(q, k, v, kp.expand(3, -1, -1, -1), vp, False, 0.25)
 
 
-def _kept_specs(specs: list, dtype: torch.dtype, n_q: int, n_k: int, n_p: int, dim: int) -> list:
-    """The GPU candidates the autotuner's early pruning keeps for this problem."""
+def _kept_specs(specs: list, dtype: torch.dtype, n_q: int, n_k: int, n_p: int, dim: int,
+                precision: str = "ieee") -> list:
+    """The GPU candidates the autotuner's early pruning keeps for this problem (fp32 dots in
+    this precision: "ieee" or "tf32")."""
     from dpt_fast.kernels import prompt_attention_autotune as autotune
 
     args = autotune.autotune_args(specs, interpreted=False)
     prune = args["prune_configs_by"]["early_config_prune"]
     kept = prune(args["configs"], {"Q": torch.empty(0, dtype=dtype)}, N_Q=n_q, N_K=n_k, N_P=n_p,
-                 HEAD_DIM=dim, CAUSAL=False)
+                 HEAD_DIM=dim, CAUSAL=False,
+                 DOT_PRECISION=precision if dtype == torch.float32 else "tf32")
     by_blocks = {(s.block_m, s.block_n, s.warps, s.stages): s for s in specs}
     return [by_blocks[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
             for c in kept]
@@ -174,20 +177,40 @@ def _kept_specs(specs: list, dtype: torch.dtype, n_q: int, n_k: int, n_p: int, d
 
 @pytest.mark.parametrize("specs", ["FORWARD_SPECS", "DKDV_SPECS", "DQ_SPECS"])
 def test_autotune_pruning(specs):
-    """Head dim, dtype and small N narrow the GPU candidates; at least one always remains."""
+    """Head dim, dtype, dot precision and small N narrow the GPU candidates; at least one always
+    remains for every dtype, precision and head dim of the capability table."""
     kernels()  # skips without triton
     from dpt_fast.kernels import prompt_attention_autotune as autotune
 
     specs = getattr(autotune, specs)
     vit = _kept_specs(specs, torch.bfloat16, 197, 197, 10, 64)
-    assert vit == [s for s in specs if s.max_dim >= 64]
+    assert vit == [s for s in specs if s.max_dim >= 64 and autotune.HALF in s.takes]
     assert all(s.max_dim >= 128 for s in _kept_specs(specs, torch.float16, 197, 197, 10, 128))
-    assert all(s.fp32 for s in _kept_specs(specs, torch.float32, 197, 197, 10, 64))
+    for precision in ("ieee", "tf32"):
+        for dim in (64, TRITON_KERNELS.max_head_dim):
+            kept = _kept_specs(specs, torch.float32, 197, 197, 10, dim, precision)
+            assert kept and all(precision in s.takes and s.min_dim <= dim <= s.max_dim
+                                for s in kept)
+        assert len(_kept_specs(specs, torch.float32, 9, 9, 1, TRITON_KERNELS.max_head_dim,
+                               precision)) == 1
     cls_only = _kept_specs(specs, torch.bfloat16, 1, 197, 10, 64)
     assert cls_only and all(s.block_m == TRITON_KERNELS.min_block for s in cls_only)
     tiny = _kept_specs(specs, torch.bfloat16, 7, 7, 3, 32)
     assert len(tiny) == 1 and tiny[0].block_m == TRITON_KERNELS.min_block
-    assert len(_kept_specs(specs, torch.float32, 9, 9, 1, TRITON_KERNELS.max_head_dim)) == 1
+
+
+@pytest.mark.parametrize("kernel", ["forward_kernel", "backward_dkdv_kernel",
+                                    "backward_dq_kernel"])
+def test_autotune_key_holds_what_changes_the_kernel(kernel):
+    """The autotuner reuses a tuned config for calls with the same key (and input dtypes): every
+    constexpr that changes the compiled kernel, besides the tuned blocks, must be in it; a config
+    tuned with TF32 dots (which fit other candidates) is no pick for IEEE ones."""
+    kernels()  # skips without triton
+    from dpt_fast.kernels import prompt_attention_backward, prompt_attention_forward
+
+    tuner = getattr(prompt_attention_forward if kernel == "forward_kernel"
+                    else prompt_attention_backward, kernel)
+    assert {"N_Q", "N_K", "N_P", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"} <= set(tuner.keys)
 
 
 def test_fixed_blocks_validates_sizes():

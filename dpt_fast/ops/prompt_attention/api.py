@@ -11,7 +11,9 @@ Nq < Nk, e.g. the CLS query alone, is allowed).
 
 The call runs the fused Triton kernels through the custom op ``torch.ops.dpt_fast.
 prompt_attention_fwd`` (deterministic: the backward uses no atomics) or the PyTorch path
-(``prompt_attention_torch``); ``dispatch.py`` says which and how to force one.
+(``prompt_attention_torch``); ``dispatch.py`` says which and how to force one. The kernels take
+head dims up to 128 (``capabilities.TRITON_KERNELS``): larger ones would spill registers in
+every launch configuration, so they run on the PyTorch path.
 """
 
 from __future__ import annotations

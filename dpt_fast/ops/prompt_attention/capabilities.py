@@ -21,8 +21,11 @@ class TritonKernelCapabilities:
         interpreter_dtypes: the subset Triton's CPU interpreter computes correctly (it runs the
             kernels in NumPy, which has no bfloat16).
         min_head_dim, max_head_dim: head dims D the kernels take. One (BLOCK, D) tile per
-            operand lives in registers or shared memory, so D is bounded; D below 16 or not a
-            power of two runs in a padded, masked head block.
+            operand lives in registers or shared memory, so D is bounded: above 128 even the
+            smallest tile spills registers (fp32 most), so those head dims run on the PyTorch
+            path. D below 16 or not a power of two runs in a padded, masked head block. Every
+            launch configuration the autotuner may pick within these bounds compiles without
+            spills for sm_90 (checked by ``.ci/triton_aot_check.py``).
         min_block: the smallest block size along queries or keys (``tl.dot`` needs 16 rows);
             block sizes are powers of two.
     """
@@ -30,7 +33,7 @@ class TritonKernelCapabilities:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     interpreter_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
     min_head_dim: int = 1
-    max_head_dim: int = 256
+    max_head_dim: int = 128
     min_block: int = 16
 
     def unsupported(self, dtype: torch.dtype, head_dim: int, interpreted: bool) -> str | None:
