@@ -256,7 +256,9 @@ def _load_openai_weights(clip: nn.Module, path: str) -> None:
         with warnings.catch_warnings():
             # torch.jit.load is deprecated in favour of torch.export, which cannot read the
             # archives OpenAI published; it only rebuilds the module, running none of its code.
+            # (FutureWarning in torch 2.14, DeprecationWarning in 2.11.)
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             state = torch.jit.load(path, map_location="cpu").state_dict()
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
