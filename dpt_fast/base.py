@@ -327,15 +327,13 @@ class DPTBase(nn.Module):
             FileNotFoundError, ValueError: a missing or foreign file, or a ``clip`` the
                 prompts do not fit (the message names the difference).
         """
-        from dpt_fast.engine import checkpoint as ckpt
-        from dpt_fast.engine.backbone import check_activation
+        from dpt_fast import checkpoint as ckpt
+        from dpt_fast.backbone import check_activation, load_clip
 
         tensors, meta = ckpt.read_checkpoint(path)
         run = meta["config"]
         state = ckpt.model_state(tensors)
         if clip is None:
-            from dpt_fast.engine.run import load_clip
-
             clip = load_clip(run["backbone"], pretrained or run["pretrained"],
                              torch.device(device or "cpu"))
         elif device is not None:

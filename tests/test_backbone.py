@@ -12,15 +12,15 @@ import torch
 from conftest import TINY_CONFIG
 from torch import nn
 
-from dpt_fast.cli import build_parser, resolve_config
-from dpt_fast.engine.backbone import (
+from dpt_fast.backbone import (
     build_clip,
     clip_activation,
+    load_clip,
     openai_backbone,
     resolve_clip,
     weights_format,
 )
-from dpt_fast.engine.run import load_clip
+from dpt_fast.cli import build_parser, resolve_config
 from dpt_fast.testing import tiny_clip
 
 CPU = torch.device("cpu")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import COLOURS
 
+from dpt_fast import checkpoint as ckpt
 from dpt_fast.cli import build_parser, main
-from dpt_fast.engine import checkpoint as ckpt
 from dpt_fast.engine import trainer as trainer_module
 
 
@@ -153,16 +153,16 @@ def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
 
 def test_train_on_a_test_only_dataset_is_refused(clip_files, colour_folder, tmp_path,
                                                  monkeypatch, capsys):
-    from dpt_fast.engine import run as run_module
+    from dpt_fast.engine.session import Session
 
-    original = run_module.load_splits
+    original = Session.splits
 
     def test_only(*args, **kwargs):
         splits = original(*args, **kwargs)
         splits.train = []
         return splits
 
-    monkeypatch.setattr(run_module, "load_splits", test_only)
+    monkeypatch.setattr(Session, "splits", test_only)
     assert main(_train_args(clip_files, colour_folder, tmp_path / "run", epochs=1)) == 2
     assert "no training images" in capsys.readouterr().err
 
@@ -298,7 +298,7 @@ def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path, cap
     from test_checkpoints import _write_official
 
     from dpt_fast import DPT, DPTConfig
-    from dpt_fast.engine.run import load_clip
+    from dpt_fast.backbone import load_clip
 
     config, weights = clip_files
     clip = load_clip(config, weights, torch.device("cpu"))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from dpt_fast import DPT, DPTConfig
-from dpt_fast.engine import checkpoint as ckpt
+from dpt_fast import checkpoint as ckpt
 from dpt_fast.engine.metrics import classification_report, harmonic_mean
 from dpt_fast.engine.run import load_for_classes
 from dpt_fast.engine.schedule import build_scheduler, dassl_lr

@@ -13,10 +13,10 @@ from PIL import Image
 from test_cli_errors import cli, error_line
 
 from dpt_fast import DPT
+from dpt_fast import checkpoint as ckpt
+from dpt_fast.backbone import load_clip
 from dpt_fast.cli import main
 from dpt_fast.data import build_transforms
-from dpt_fast.engine import checkpoint as ckpt
-from dpt_fast.engine.run import load_clip
 from dpt_fast.reference import DPT as ReferenceDPT
 
 CLASSES = ["blue", "green", "red"]

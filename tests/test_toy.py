@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpt_fast import DPT
+from dpt_fast.backbone import load_clip
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
-from dpt_fast.engine.run import load_clip
 from dpt_fast.reference import DPT as ReferenceDPT
 from dpt_fast.toy import robustness, task
 from dpt_fast.toy.demo import format_table, model_config, summarise

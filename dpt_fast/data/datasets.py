@@ -219,7 +219,8 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def build_dataset(name: str, root: str | os.PathLike[str], shots: int = -1, seed: int = 1,
-                  subsample: Subsample = "all") -> DatasetSplits:
+                  subsample: Subsample = "all", *,
+                  index: DatasetIndex | None = None) -> DatasetSplits:
     """Read dataset ``name`` from ``root`` as CoOp/DPT do.
 
     Args:
@@ -231,6 +232,7 @@ def build_dataset(name: str, root: str | os.PathLike[str], shots: int = -1, seed
             Ignored for the test-only ImageNet variants, as in CoOp.
         seed: the run seed that names and draws the few-shot selection.
         subsample: "all", or the "base" / "new" half of the classes (relabelled 0..).
+        index: the dataset's index read before (:func:`read_dataset_index`); None reads it.
 
     Raises:
         KeyError: unknown name (the message lists the valid ones).
@@ -238,11 +240,38 @@ def build_dataset(name: str, root: str | os.PathLike[str], shots: int = -1, seed
             describes the expected layout.
         ValueError: bad ``subsample``, or ``subsample`` other than "all" for a test-only set.
     """
-    spec = get_dataset_spec(name)
     if subsample not in SUBSAMPLE_CHOICES:
         raise ValueError(f"subsample must be one of {SUBSAMPLE_CHOICES}, got {subsample!r}")
+    index = index if index is not None else read_dataset_index(name, root)
+    if index.name != name:
+        raise ValueError(f"the index given is {index.name}'s, not {name}'s")
+    spec, raw, classnames = index.spec, index.raw, index.classnames
     if spec.test_only and subsample != "all":
         raise ValueError(f"{name} is a test-only dataset; base/new subsampling does not apply")
+    if spec.test_only:
+        return DatasetSplits(name, classnames, spec.template, [], [], raw.test)
+
+    train, val = load_or_create_fewshot(index.dataset_dir, raw.train, raw.val, shots, seed,
+                                        classnames)
+    return _finish(name, spec.template, classnames, train, val, raw.test, subsample)
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """A dataset's files and labels as its layout lists them, before any few-shot draw: what
+    every run on the dataset reads, whatever its shots, seed and class half (a sweep reads it
+    once; :func:`build_dataset` takes it)."""
+
+    name: str
+    spec: DatasetSpec
+    dataset_dir: Path
+    raw: RawSplits
+    classnames: list[str]
+
+
+def read_dataset_index(name: str, root: str | os.PathLike[str]) -> DatasetIndex:
+    """Read the index of dataset ``name`` under ``root`` (see :func:`build_dataset`)."""
+    spec = get_dataset_spec(name)
     # CoOp uses abspath (not resolve): symlinked dataset folders keep the paths users gave.
     root_dir = Path(os.path.abspath(os.path.expanduser(root)))
     dataset_dir = root_dir / spec.folder
@@ -257,12 +286,7 @@ def build_dataset(name: str, root: str | os.PathLike[str], shots: int = -1, seed
     if classnames is None:
         classnames = readers.classnames_from_items(
             raw.train, raw.val or [], raw.test, source=str(dataset_dir))
-    if spec.test_only:
-        return DatasetSplits(name, classnames, spec.template, [], [], raw.test)
-
-    train, val = load_or_create_fewshot(dataset_dir, raw.train, raw.val, shots, seed,
-                                        classnames)
-    return _finish(name, spec.template, classnames, train, val, raw.test, subsample)
+    return DatasetIndex(name, spec, dataset_dir, raw, list(classnames))
 
 
 def _finish(name: str, template: str, classnames: list[str], train: list[Datum],

@@ -21,6 +21,7 @@ from typing import Literal
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, REPEAT, REPORT_KEY, RESUMABLE, with_roles
+from dpt_fast.engine.progress import PROGRESS_MODES, ProgressMode, ProgressSettings
 from dpt_fast.engine.recipe import RECIPE_BACKBONES, RecipeName
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -66,6 +67,12 @@ class TrainConfig:
     output_dir: str = with_roles("runs/dpt", EVAL, RESUMABLE)  # checkpoints, logs and results
     eval_every: int = with_roles(0, RESUMABLE)  # test-split accuracy every N epochs (0: at the end)
     resume: bool = with_roles(False, RESUMABLE)  # continue from output_dir's last checkpoint
+    # progress of long loops: a bar on a terminal, log lines otherwise (auto); bar, lines, none
+    progress: ProgressMode = with_roles("auto", EVAL, RESUMABLE)
+    # lines mode: a progress line every N steps (0: about every 30 s)
+    log_every: int = with_roles(0, EVAL, RESUMABLE)
+    # write TensorBoard summaries to output_dir/tensorboard (needs the tensorboard extra)
+    tensorboard: bool = with_roles(False, RESUMABLE)
     model: DPTConfig = field(default_factory=DPTConfig)  # the DPT model
 
     def __post_init__(self) -> None:
@@ -86,10 +93,16 @@ class TrainConfig:
             ("text_warmup_epochs", self.text_warmup_epochs >= 0, ">= 0"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0: evaluate at the end only)"),
+            ("progress", self.progress in PROGRESS_MODES, f"one of {list(PROGRESS_MODES)}"),
+            ("log_every", self.log_every >= 0, ">= 0 (0: about every 30 s)"),
         )
         for name, ok, rule in rules:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+
+def progress_settings(config: TrainConfig) -> ProgressSettings:
+    return ProgressSettings(mode=config.progress, log_every=config.log_every)
 
 
 def _finite(value: float) -> bool:

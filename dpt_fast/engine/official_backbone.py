@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dpt_fast.engine.backbone import openai_backbone
+from dpt_fast.backbone import openai_backbone
 
 log = logging.getLogger("dpt_fast")
 

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from dpt_fast.base import DPTBase
 from dpt_fast.data.loading import ImageReadError, build_transforms, load_rgb
 from dpt_fast.engine.predictions import Prediction
+from dpt_fast.engine.progress import ProgressSettings, track
 
 log = logging.getLogger("dpt_fast")
 
@@ -48,7 +48,8 @@ def _collate(items):
 @torch.no_grad()
 def predict_files(model: DPTBase, paths: list[str], *, top_k: int, batch_size: int,
                   num_workers: int, device: torch.device,
-                  amp_dtype: torch.dtype | None) -> list[Prediction]:
+                  amp_dtype: torch.dtype | None,
+                  progress: ProgressSettings | None = None) -> list[Prediction]:
     """The top ``top_k`` classes (capped at the number of classes) of each file, in the order
     of ``paths``; unreadable files carry their error instead."""
     model.eval()
@@ -58,7 +59,8 @@ def predict_files(model: DPTBase, paths: list[str], *, top_k: int, batch_size: i
                         num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     predictions = [Prediction(path) for path in paths]
-    for images, read, failed in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
+    for images, read, failed in track(loader, len(loader), "predict",
+                                      progress or ProgressSettings()):
         for index, error in failed:
             predictions[index].error = error
             log.warning("cannot read %s: %s", paths[index], error)
@@ -76,7 +78,8 @@ def predict_files(model: DPTBase, paths: list[str], *, top_k: int, batch_size: i
 
 def predict_checkpoint(checkpoint: str, paths: list[str], *, top_k: int, batch_size: int,
                        num_workers: int, device: str, precision: str,
-                       pretrained: str | None = None) -> list[Prediction]:
+                       pretrained: str | None = None,
+                       progress: ProgressSettings | None = None) -> list[Prediction]:
     """Rebuild the fast model of ``checkpoint`` (on the CLIP it records, or its weights
     replaced by ``pretrained``) and predict ``paths`` with it."""
     from dpt_fast.engine.device import autocast_dtype, resolve_device
@@ -86,4 +89,5 @@ def predict_checkpoint(checkpoint: str, paths: list[str], *, top_k: int, batch_s
     amp_dtype = autocast_dtype(precision, target)
     model = DPT.from_checkpoint(checkpoint, device=target, pretrained=pretrained)
     return predict_files(model, paths, top_k=top_k, batch_size=batch_size,
-                         num_workers=num_workers, device=target, amp_dtype=amp_dtype)
+                         num_workers=num_workers, device=target, amp_dtype=amp_dtype,
+                         progress=progress)

@@ -17,23 +17,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from dpt_fast import checkpoint as ckpt
+from dpt_fast.backbone import check_activation
 from dpt_fast.base import DPTBase
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import PER_DATASET, config_diff, fields_with
-from dpt_fast.data import (
-    DatasetSplits,
-    ImageDataset,
-    build_dataset,
-    build_transforms,
-    image_folder_dataset,
-)
-from dpt_fast.engine import checkpoint as ckpt
-from dpt_fast.engine.backbone import build_clip, check_activation, clip_record, resolve_clip
-from dpt_fast.engine.config import TrainConfig, config_to_dict
-from dpt_fast.engine.device import autocast_dtype, resolve_device
-from dpt_fast.engine.distributed import barrier, close_distributed, init_distributed
+from dpt_fast.data import DatasetSplits, ImageDataset, build_transforms
+from dpt_fast.engine.config import TrainConfig, config_to_dict, progress_settings
+from dpt_fast.engine.device import autocast_dtype
+from dpt_fast.engine.distributed import barrier
 from dpt_fast.engine.evaluation import evaluate
 from dpt_fast.engine.metrics import harmonic_mean
 from dpt_fast.engine.official_backbone import official_backbone
@@ -47,6 +40,8 @@ from dpt_fast.engine.run_folder import (
     prepare_run_folder,
 )
 from dpt_fast.engine.seeding import seed_all
+from dpt_fast.engine.session import Session
+from dpt_fast.engine.tensorboard import RunSummaries, check_tensorboard_available
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
@@ -56,36 +51,6 @@ log = logging.getLogger("dpt_fast")
 
 # Tensors tied to the training classes: they cannot move to another class set.
 _CLASS_SPECIFIC = re.compile(r"^cavpt\.layers\.\d+\.classifier\.weight$")
-
-
-def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module:
-    """An open_clip CLIP by model name or local config .json, with pretrained weights.
-
-    ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path (OpenAI's
-    ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
-    name and activation are resolved by :func:`dpt_fast.engine.backbone.resolve_clip`.
-    Backbone "toy" is the toy CLIP shipped inside the package (pretrained "toy"; see
-    :func:`dpt_fast.toy.model.load_toy_backbone`).
-    """
-    from dpt_fast.toy.model import BACKBONE_NAME, load_toy_backbone
-
-    if backbone == BACKBONE_NAME:
-        return load_toy_backbone(pretrained, device)
-    return build_clip(resolve_clip(backbone, pretrained), device)
-
-
-def _log_clip(info: dict) -> None:
-    log.info("CLIP %s (%s): %s activation", info["backbone"], info["pretrained"],
-             info["activation"])
-
-
-def load_splits(dataset: str, root: str, shots: int, seed: int, subsample: str) -> DatasetSplits:
-    """A CoOp dataset by name, or ``dataset="folder"``: a root/{train,val,test}/<class> tree."""
-    if dataset == "folder":
-        if subsample != "all":
-            raise ValueError("base/new subsampling needs a named dataset, not an image folder")
-        return image_folder_dataset(root, shots=shots, seed=seed)
-    return build_dataset(dataset, root, shots=shots, seed=seed, subsample=subsample)
 
 
 def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
@@ -129,7 +94,8 @@ def _eval_split(model: DPTBase, splits: DatasetSplits, config: TrainConfig,
                                                          image_size=model.geometry.image_size[0]))
     return evaluate(model, dataset, [d.label for d in splits.test], device=device, info=info,
                     batch_size=config.eval_batch_size, num_workers=config.num_workers,
-                    amp_dtype=autocast_dtype(config.precision, device), desc=desc)
+                    amp_dtype=autocast_dtype(config.precision, device), desc=desc,
+                    progress=progress_settings(config))
 
 
 def _model_config(config: TrainConfig, splits: DatasetSplits,
@@ -137,13 +103,6 @@ def _model_config(config: TrainConfig, splits: DatasetSplits,
     if template_explicit:
         return config.model
     return dataclasses.replace(config.model, template=splits.template)
-
-
-def _join_process_group(device_name: str):
-    """torchrun's process group, on NCCL when the run will use CUDA, else gloo."""
-    wants_cuda = device_name.startswith("cuda") or (
-        device_name == "auto" and torch.cuda.is_available())
-    return init_distributed(torch.device("cuda" if wants_cuda else "cpu"))
 
 
 def _check_writable(folder: Path) -> None:
@@ -190,73 +149,105 @@ def train_run(config: TrainConfig, template_explicit: bool = False, *,
     """Train on ``config.dataset`` and evaluate on its test split (base and new classes for
     subsample="base"); writes checkpoint-last.safetensors and results.json to output_dir.
 
+    One run in a session of its own: :func:`run_in_session` (which a sweep calls for each of
+    its runs) says what a run does.
+    """
+    check_folder_flags(config.resume, overwrite)
+    if config.tensorboard:
+        check_tensorboard_available()
+    with Session(config.device) as session:
+        return run_in_session(session, config, template_explicit, overwrite=overwrite)
+
+
+def _load_run_data(session: Session, config: TrainConfig
+                   ) -> tuple[DatasetSplits, DatasetSplits | None]:
+    """The run's splits, and the new classes' for subsample="base"; refuses data a run cannot
+    train on, before any work."""
+    splits = session.splits(config.dataset, config.root, config.shots, config.seed,
+                            config.subsample)
+    if not splits.train:
+        raise ValueError(f"{config.dataset} has no training images under {config.root} "
+                         "(test-only datasets such as imagenet_r are for `dpt-fast eval` "
+                         "of a checkpoint trained elsewhere)")
+    new = None
+    if config.subsample == "base":
+        new = session.splits(config.dataset, config.root, config.shots, config.seed, "new")
+        if not new.classnames or not new.test:
+            raise ValueError(
+                f"--subsample base: {config.dataset} under {config.root} has "
+                f"{splits.num_classes} class(es), which leaves no new classes to evaluate; "
+                "use --subsample all")
+    return splits, new
+
+
+def run_in_session(session: Session, config: TrainConfig, template_explicit: bool = False, *,
+                   overwrite: bool = False) -> dict:
+    """One training run in ``session`` (which holds the device, the CLIP and the datasets it
+    shares with other runs): train, evaluate, write the run folder; returns results.json's
+    content. The run owns its folder, few-shot split, model, optimizer and data loaders.
+
     An output folder that holds a run is refused unless ``config.resume`` (continue it) or
     ``overwrite`` (remove its files first); the folder is locked while the run writes it.
     Everything that can be checked before training (data, classes, the folder) is.
     """
     check_folder_flags(config.resume, overwrite)
-    info = _join_process_group(config.device)
+    info, device = session.info, session.device
     output_dir = Path(config.output_dir)
     lock = FolderLock(output_dir)
+    summaries = None
     try:
-        device = resolve_device(config.device, info)
         if info.is_main:
             _check_writable(output_dir)
             lock.acquire()
             prepare_run_folder(output_dir, resume=config.resume, overwrite=overwrite)
         barrier(info)
-        splits = load_splits(config.dataset, config.root, config.shots, config.seed,
-                             config.subsample)
-        if not splits.train:
-            raise ValueError(f"{config.dataset} has no training images under {config.root} "
-                             "(test-only datasets such as imagenet_r are for `dpt-fast eval` "
-                             "of a checkpoint trained elsewhere)")
-        new = None
-        if config.subsample == "base":
-            new = load_splits(config.dataset, config.root, config.shots, config.seed, "new")
-            if not new.classnames or not new.test:
-                raise ValueError(
-                    f"--subsample base: {config.dataset} under {config.root} has "
-                    f"{splits.num_classes} class(es), which leaves no new classes to evaluate; "
-                    "use --subsample all")
+        splits, new = _load_run_data(session, config)
         data = _data_summary(config, splits)
         _log_start(config, data, device)
         model_config = _model_config(config, splits, template_explicit)
-        clip = load_clip(config.backbone, config.pretrained, device)
-        clip_info = clip_record(config.backbone, config.pretrained, clip)
-        _log_clip(clip_info)
+        clip = session.clip(config.backbone, config.pretrained)
         seed_all(config.seed)  # same prompt initialisation on every process
-        model = DPT(clip, splits.classnames, model_config)
+        model = DPT(clip.module, splits.classnames, model_config)
         image_size = model.geometry.image_size[0]
         train_set = ImageDataset(splits.train, build_transforms(train=True,
                                                                 image_size=image_size))
         run_config = dataclasses.replace(config, model=model_config)
         trainer = Trainer(model, run_config, train_set, device, info, output_dir,
-                          clip_info=clip_info)
+                          clip_info=clip.record)
         if config.resume and trainer.checkpoint_path().is_file():
             trainer.resume()
+        summaries = RunSummaries(output_dir, config.tensorboard and info.is_main,
+                                 purge_step=trainer.start_epoch * trainer.steps_per_epoch()
+                                 if trainer.start_epoch else None)
+        trainer.summaries = summaries
         if info.is_main:
             write_json(output_dir / CONFIG_FILE, {**config_to_dict(run_config),
-                                                  "clip": clip_info})
+                                                  "clip": clip.record})
+            summaries.config({**config_to_dict(run_config), "clip": clip.record})
         history = trainer.fit(
             lambda: _eval_split(model, splits, run_config, device, info, "test"))
-        results = {"config": config_to_dict(run_config), "clip": clip_info,
+        results = {"config": config_to_dict(run_config), "clip": clip.record,
                    "dataset": config.dataset, "classes": splits.classnames, "data": data,
                    "history": history}
+        final_step = config.epochs * trainer.steps_per_epoch()
         results["test"] = _eval_split(model, splits, run_config, device, info, "test")
+        summaries.evaluation("test", results["test"], final_step)
         if new is not None:
-            new_model = DPT(clip, new.classnames, model_config)
+            new_model = DPT(clip.module, new.classnames, model_config)
             load_for_classes(new_model, model.state_dict())
             results["test_new"] = _eval_split(new_model, new, run_config, device, info, "new")
             results["harmonic_mean"] = harmonic_mean(results["test"]["accuracy"],
                                                      results["test_new"]["accuracy"])
+            summaries.evaluation("test_new", results["test_new"], final_step)
+            summaries.scalars({"test/harmonic_mean": results["harmonic_mean"]}, final_step)
         if info.is_main:
             write_json(output_dir / RESULTS_FILE, results)
             log.info("test accuracy %.2f%%", results["test"]["accuracy"])
         return results
     finally:
+        if summaries is not None:
+            summaries.close()
         lock.release()
-        close_distributed()
 
 
 def _checkpoint_run_config(config: TrainConfig, saved: dict,
@@ -296,47 +287,55 @@ def eval_run(config: TrainConfig, *, checkpoint: str | None = None,
     """Evaluate prompts on ``config.dataset``'s test split: a dpt_fast checkpoint (its saved
     config is used, see ``_checkpoint_run_config``) or the authors' checkpoint directory
     (``config.model`` describes it). ``explicit``: the config fields the user set."""
-    info = _join_process_group(config.device)
-    try:
-        device = resolve_device(config.device, info)
-        out = Path(config.output_dir)
-        if info.is_main:
-            _check_writable(out)
-        state = None
-        template_explicit = "template" in explicit
-        if checkpoint is not None:
-            tensors, meta = ckpt.read_checkpoint(checkpoint)
-            state = ckpt.model_state(tensors)
-            config, template_explicit = _checkpoint_run_config(config, meta["config"], explicit)
-        elif official_dir is None:
-            raise ValueError("eval needs --checkpoint or --official-dir")
-        else:
-            chosen = bool({"backbone", "recipe"} & explicit)
-            config = dataclasses.replace(config, backbone=official_backbone(
-                official_dir, config.backbone, chosen))
-        splits = load_splits(config.dataset, config.root, -1, config.seed, config.subsample)
-        model_config = config.model
-        if not template_explicit:
-            model_config = dataclasses.replace(model_config, template=splits.template)
-        clip = load_clip(config.backbone, config.pretrained, device)
-        clip_info = clip_record(config.backbone, config.pretrained, clip)
-        _log_clip(clip_info)
-        if checkpoint is not None:
-            check_activation(meta.get("clip"), clip, checkpoint)
-        model = DPT(clip, splits.classnames, model_config)
-        if state is not None:
-            load_for_classes(model, state)
-        else:
-            model.load_official_checkpoint(official_dir, official_epoch,
-                                           load_layer_classifiers=False)
-        report = _eval_split(model, splits, config, device, info, "test")
-        results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
-                   "clip": clip_info, "test": report}
-        if info.is_main:
-            write_json(out / f"eval_{config.dataset}_{config.subsample}.json", results)
-        return results
-    finally:
-        close_distributed()
+    with Session(config.device) as session:
+        return eval_in_session(session, config, checkpoint=checkpoint,
+                               official_dir=official_dir, official_epoch=official_epoch,
+                               explicit=explicit)
 
 
-__all__ = ["LAST_CHECKPOINT", "eval_run", "load_clip", "load_for_classes", "train_run"]
+def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | None = None,
+                    official_dir: str | None = None, official_epoch: int | None = None,
+                    explicit: frozenset[str] = frozenset(), output_name: str | None = None
+                    ) -> dict:
+    """:func:`eval_run` in ``session``; writes ``output_name`` (default
+    ``eval_<dataset>_<subsample>.json``) in ``config.output_dir``."""
+    info, device = session.info, session.device
+    out = Path(config.output_dir)
+    if info.is_main:
+        _check_writable(out)
+    state = meta = None
+    template_explicit = "template" in explicit
+    if checkpoint is not None:
+        tensors, meta = ckpt.read_checkpoint(checkpoint)
+        state = ckpt.model_state(tensors)
+        config, template_explicit = _checkpoint_run_config(config, meta["config"], explicit)
+    elif official_dir is None:
+        raise ValueError("eval needs --checkpoint or --official-dir")
+    else:
+        chosen = bool({"backbone", "recipe"} & explicit)
+        config = dataclasses.replace(config, backbone=official_backbone(
+            official_dir, config.backbone, chosen))
+    splits = session.splits(config.dataset, config.root, -1, config.seed, config.subsample)
+    model_config = config.model
+    if not template_explicit:
+        model_config = dataclasses.replace(model_config, template=splits.template)
+    clip = session.clip(config.backbone, config.pretrained)
+    if meta is not None:
+        check_activation(meta.get("clip"), clip.module, checkpoint)
+    model = DPT(clip.module, splits.classnames, model_config)
+    if state is not None:
+        load_for_classes(model, state)
+    else:
+        model.load_official_checkpoint(official_dir, official_epoch,
+                                       load_layer_classifiers=False)
+    report = _eval_split(model, splits, config, device, info, "test")
+    results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
+               "clip": clip.record, "test": report}
+    if info.is_main:
+        write_json(out / (output_name or f"eval_{config.dataset}_{config.subsample}.json"),
+                   results)
+    return results
+
+
+__all__ = ["LAST_CHECKPOINT", "eval_in_session", "eval_run", "load_for_classes", "run_in_session",
+           "train_run"]

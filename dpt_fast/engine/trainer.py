@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from dpt_fast import checkpoint as ckpt
 from dpt_fast.base import DPTBase
 from dpt_fast.config_fields import RESUMABLE, config_diff
-from dpt_fast.engine import checkpoint as ckpt
-from dpt_fast.engine.config import TrainConfig, config_to_dict
+from dpt_fast.engine.config import TrainConfig, config_to_dict, progress_settings
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier
+from dpt_fast.engine.progress import Progress, format_duration
 from dpt_fast.engine.run_folder import LAST_CHECKPOINT, TRAIN_LOG
 from dpt_fast.engine.sampler import GlobalBatchSampler
 from dpt_fast.engine.schedule import build_scheduler
 from dpt_fast.engine.seeding import SeededSamples
+from dpt_fast.engine.tensorboard import RunSummaries
 from dpt_fast.engine.train_log import append_record, read_history, repair_log
 from dpt_fast.errors import TrainingDiverged
 from dpt_fast.loss import layer_hits
@@ -50,7 +51,7 @@ class Trainer:
 
     def __init__(self, model: DPTBase, config: TrainConfig, train_set: Dataset,
                  device: torch.device, info: DistInfo, output_dir: Path, *,
-                 clip_info: dict | None = None) -> None:
+                 clip_info: dict | None = None, summaries: RunSummaries | None = None) -> None:
         if config.batch_size % info.world_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                              f"number of processes {info.world_size}")
@@ -84,6 +85,8 @@ class Trainer:
         )
         self.start_epoch = 0
         self._checkpoint_record: dict | None = None
+        # TensorBoard (a no-op writer without --tensorboard); the caller owns and closes it.
+        self.summaries = summaries or RunSummaries(output_dir, enabled=False)
 
     # ----------------------------------------------------------------------------- state
     def checkpoint_path(self) -> Path:
@@ -133,36 +136,53 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
                               enabled=self.amp_dtype is not None)
 
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
     def train_epoch(self, epoch: int) -> EpochStats:
         self.model.train()
         loader = self._loader(epoch)
         total_loss = total_correct = total_seen = 0.0
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                   disable=not self.info.is_main, leave=False, dynamic_ncols=True)
-        for step, (images, labels) in enumerate(bar):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                out = self.forward_model(images)
-                loss = self.model.loss(out, labels, epoch,
-                                       layer_denominator=self._layer_denominator(out, labels),
-                                       batch_weight=self.sampler.batch_weight(len(labels)))
-            self._check_finite(loss, epoch, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            batch = labels.shape[0]
-            # Summed over processes, this is the global batch's loss (DDP's mean of the
-            # processes' losses) times its size, however the batch was split.
-            total_loss += loss.item() * self.sampler.global_batch / self.info.world_size
-            total_correct += (out.logits.argmax(-1) == labels).sum().item()
-            total_seen += batch
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total_loss / total_seen:.4f}",
-                            acc=f"{100 * total_correct / total_seen:.1f}",
-                            img_s=f"{total_seen * self.info.world_size / elapsed:.1f}")
+        steps = len(self.sampler)
+
+        def describe() -> dict[str, str]:
+            return {"loss": f"{total_loss / max(total_seen, 1):.4f}",
+                    "acc": f"{100 * total_correct / max(total_seen, 1):.1f}",
+                    "img/s": f"{total_seen * self.info.world_size / elapsed():.1f}"}
+
+        def elapsed() -> float:
+            return max(time.perf_counter() - start, 1e-9)
+
+        progress = Progress(steps, f"epoch {epoch + 1}/{self.config.epochs}",
+                            progress_settings(self.config), enabled=self.info.is_main,
+                            describe=describe)
+        with progress:
+            for step, (images, labels) in enumerate(loader):
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                with self._autocast():
+                    out = self.forward_model(images)
+                    loss = self.model.loss(out, labels, epoch,
+                                           layer_denominator=self._layer_denominator(out, labels),
+                                           batch_weight=self.sampler.batch_weight(len(labels)))
+                self._check_finite(loss, epoch, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                batch = labels.shape[0]
+                # Summed over processes, this is the global batch's loss (DDP's mean of the
+                # processes' losses) times its size, however the batch was split.
+                step_loss = loss.item() * self.sampler.global_batch / self.info.world_size
+                step_correct = (out.logits.argmax(-1) == labels).sum().item()
+                total_loss += step_loss
+                total_correct += step_correct
+                total_seen += batch
+                self.summaries.scalars({"train/loss": step_loss / max(batch, 1),
+                                        "train/accuracy": 100 * step_correct / max(batch, 1)},
+                                       epoch * steps + step + 1)
+                progress.update()
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler.step()
         sums = all_reduce_sum(torch.tensor([total_loss, total_correct, total_seen],
@@ -194,6 +214,31 @@ class Trainer:
         total = all_reduce_sum(hits.to(torch.float32), self.info)
         return total.clamp(min=1.0) / self.info.world_size
 
+    def _epoch_line(self, record: dict, fit_start: float, epoch: int) -> str:
+        """``epoch 3/12 loss 1.2345 acc 56.25 412.3 img/s lr text 0.01 visual 0.01 | 42s
+        elapsed, ETA 3m05s [test acc 61.20]``: one line per epoch, for the log file."""
+        names = [group.get("name", str(i)) for i, group in
+                 enumerate(self.optimizer.param_groups)]
+        lrs = " ".join(f"{name} {lr:.3g}" for name, lr in zip(names, record["lr"], strict=True))
+        done = epoch + 1 - self.start_epoch
+        elapsed = time.perf_counter() - fit_start
+        eta = elapsed / done * (self.config.epochs - epoch - 1)
+        line = (f"epoch {epoch + 1}/{self.config.epochs} loss {record['loss']:.4f} "
+                f"acc {record['accuracy']:.2f} {record['images_per_s']:.1f} img/s lr {lrs} | "
+                f"{format_duration(elapsed)} elapsed, ETA {format_duration(eta)}")
+        if "test_accuracy" in record:
+            line += f" | test acc {record['test_accuracy']:.2f}"
+        return line
+
+    def _epoch_summaries(self, stats: EpochStats, step: int) -> None:
+        values = {"epoch/loss": stats.loss, "epoch/accuracy": stats.accuracy,
+                  "epoch/images_per_s": stats.images_per_s}
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, stats.lr,
+                                            strict=True)):
+            values[f"lr/{group.get('name', i)}"] = lr
+        self.summaries.scalars(values, step)
+        self.summaries.flush()
+
     def log_path(self) -> Path:
         return self.output_dir / TRAIN_LOG
 
@@ -211,21 +256,23 @@ class Trainer:
             else:
                 repair_log(self.log_path(), self.start_epoch, self._checkpoint_record)
         every = self.config.eval_every
+        fit_start = time.perf_counter()
         for epoch in range(self.start_epoch, self.config.epochs):
             stats = self.train_epoch(epoch)
             record = {"epoch": epoch + 1, **vars(stats)}
+            step = (epoch + 1) * self.steps_per_epoch()
             if evaluate_fn is not None and every > 0 and (epoch + 1) % every == 0 \
                     and epoch + 1 < self.config.epochs:
                 # Before the checkpoint, which keeps the record: a crash after the checkpoint
                 # write cannot lose the evaluation, a crash before it repeats the epoch.
-                record["test_accuracy"] = evaluate_fn()["accuracy"]
+                report = evaluate_fn()
+                record["test_accuracy"] = report["accuracy"]
+                self.summaries.evaluation("test", report, step)
             self.save(epoch, record)
             barrier(self.info)
             if self.info.is_main:
-                log.info("epoch %d/%d loss %.4f acc %.2f %.1f img/s%s", epoch + 1,
-                         self.config.epochs, stats.loss, stats.accuracy, stats.images_per_s,
-                         f" test acc {record['test_accuracy']:.2f}"
-                         if "test_accuracy" in record else "")
+                log.info("%s", self._epoch_line(record, fit_start, epoch))
                 append_record(self.log_path(), record)
+                self._epoch_summaries(stats, step)
         barrier(self.info)
         return read_history(self.log_path(), self.config.epochs) if self.info.is_main else []

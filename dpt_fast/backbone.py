@@ -22,6 +22,8 @@ import difflib
 import json
 import logging
 import os
+import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ OPENAI_SIZE_KEYS = ("input_resolution", "context_length", "vocab_size")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 # open_clip model names that bring their own weights (``pretrained`` does not apply).
 SCHEMAS = ("hf-hub:", "local-dir:")
+
+# What --pretrained accepts as a file, for the error about one that is not loadable.
+ACCEPTED_WEIGHTS = ("open_clip checkpoints (.pt, .pth, .bin or .safetensors holding a state_dict) "
+                    "and OpenAI's CLIP archives (e.g. ViT-B-16.pt)")
 
 WeightsFormat = Literal["none", "tag", "openai_archive", "openai_state_dict", "file", "schema"]
 _OPENAI_FORMATS = ("openai_archive", "openai_state_dict")
@@ -128,8 +134,11 @@ def weights_format(path: str | os.PathLike) -> WeightsFormat:
     path = Path(path)
     if path.suffix in (".safetensors", ".npz", ".npy") or not zipfile.is_zipfile(path):
         return "file"
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:  # a damaged archive: the loader's error names the file
+        return "file"
     if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
         return "openai_archive"
     try:
@@ -200,6 +209,22 @@ def resolve_clip(backbone: str, pretrained: str | None) -> ClipSpec:
     return spec
 
 
+def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module:
+    """An open_clip CLIP by model name or local config .json, with pretrained weights.
+
+    ``pretrained`` is an open_clip tag ("openai", ...), a local checkpoint path (OpenAI's
+    ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
+    name and activation are resolved by :func:`resolve_clip`.
+    Backbone "toy" is the toy CLIP shipped inside the package (pretrained "toy"; see
+    :func:`dpt_fast.toy.model.load_toy_backbone`).
+    """
+    from dpt_fast.toy.model import BACKBONE_NAME, load_toy_backbone
+
+    if backbone == BACKBONE_NAME:
+        return load_toy_backbone(pretrained, device)
+    return build_clip(resolve_clip(backbone, pretrained), device)
+
+
 def _mismatch_message(spec: ClipSpec) -> str:
     trained = QUICK_GELU if spec.weights_quick_gelu else GELU
     source = "OpenAI's" if spec.weights in _OPENAI_FORMATS else f"the {spec.pretrained!r}"
@@ -217,7 +242,8 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
     the weights random (the same model otherwise: tests build what a run would, offline).
 
     Raises:
-        ValueError: a weights file that does not fit the model (names the difference).
+        ValueError: a weights file that is not loadable (names the file and the formats
+            accepted) or does not fit the model (names the difference).
     """
     device = torch.device(device)
     if spec.weights == "schema":
@@ -229,6 +255,13 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
             clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
         if load_weights:
             _load_openai_weights(clip, spec.pretrained)
+        clip = clip.to(device)
+    elif spec.weights == "file":
+        # Built first and loaded by open_clip's own loader (its conversions and resizing, as
+        # create_model(pretrained=path) would), so that a failure is known to be the file's.
+        with _no_random_init_warning():
+            clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+        _load_weights_file(clip, spec.pretrained)
         clip = clip.to(device)
     else:
         clip = open_clip.create_model(spec.model_name, pretrained=spec.pretrained, device=device)
@@ -252,27 +285,98 @@ def _no_random_init_warning():
 
 def _load_openai_weights(clip: nn.Module, path: str) -> None:
     """Load OpenAI's archive or state_dict into an open_clip CLIP (same tensor names)."""
-    if weights_format(path) == "openai_archive":
-        with warnings.catch_warnings():
-            # torch.jit.load is deprecated in favour of torch.export, which cannot read the
-            # archives OpenAI published; it only rebuilds the module, running none of its code.
-            # (FutureWarning in torch 2.14, DeprecationWarning in 2.11.)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if k not in OPENAI_SIZE_KEYS}
-    hint = "(weights of another architecture? check the backbone)"
+    try:
+        if weights_format(path) == "openai_archive":
+            with warnings.catch_warnings():
+                # torch.jit.load is deprecated in favour of torch.export, which cannot read the
+                # archives OpenAI published; it only rebuilds the module, running none of its
+                # code. (FutureWarning in torch 2.14, DeprecationWarning in 2.11.)
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if k not in OPENAI_SIZE_KEYS}
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # a damaged archive, or one that holds no state_dict
+        raise ValueError(_not_loadable_message(path, err)) from None
     try:
         result = clip.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensors of other shapes
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise ValueError(f"{path} does not fit open_clip's model: {detail} {hint}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit open_clip's model: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} "
-                         f"{hint}")
+        raise ValueError(_unfit_message(path, err)) from None
+    _check_fit(path, result.missing_keys, result.unexpected_keys)
+
+
+def _load_weights_file(clip: nn.Module, path: str) -> None:
+    """Load an open_clip checkpoint file (or another layout open_clip converts) into ``clip``
+    with open_clip's loader, torch's safe unpickler included; errors name the file."""
+    try:
+        result = open_clip.load_checkpoint(clip, path, strict=False)
+    except (OSError, MemoryError):  # the disk or the machine, not the file's content
+        raise
+    except Exception as err:
+        if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading"):
+            raise ValueError(_unfit_message(path, err)) from None
+        raise ValueError(_not_loadable_message(path, err)) from None
+    # open_clip returns load_state_dict's result; its numpy (big_vision) reader returns {}.
+    _check_fit(path, getattr(result, "missing_keys", []), getattr(result, "unexpected_keys", []))
+
+
+_UNFIT_HINT = "(weights of another architecture? check the backbone)"
+
+
+def _unfit_message(path: str, err: RuntimeError) -> str:
+    """load_state_dict's shape error, shortened to its first differences."""
+    detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+    return f"{path} does not fit open_clip's model: {detail} {_UNFIT_HINT}"
+
+
+def _check_fit(path: str, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit open_clip's model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} {_UNFIT_HINT}")
+
+
+def _not_loadable_message(path: str, err: Exception) -> str:
+    """The error for a weights file that cannot be read: the file, why (in a few words), and
+    what is accepted."""
+    return (f"{path} is not a loadable CLIP weights file ({_why_not_loadable(path, err)}); "
+            f"accepted: {ACCEPTED_WEIGHTS}")
+
+
+def _why_not_loadable(path: str, err: Exception) -> str:
+    """Why ``path`` could not be loaded, without torch's advice on how to load it unsafely.
+
+    The loader's exception alone often does not say (a text file gives ``KeyError: 101``), so
+    the file is read again here, on this error path only, to tell the cases apart.
+    """
+    if str(path).endswith(".safetensors"):
+        return f"not a valid safetensors file: {_first_sentence(err)}"
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as again:
+        found = re.search(r"GLOBAL ([\w.]+)", str(again))
+        if found:  # a pickle of some object: never unpickled here, it could run code
+            return f"it pickles a {found.group(1)}, not tensors"
+        if "Weights only load failed" in str(again):
+            return "not a file of tensors written by torch.save"
+        return f"not a torch file: {_first_sentence(again)}"
+    except EOFError:
+        return "the file is empty or cut short"
+    except (OSError, MemoryError):
+        raise
+    except Exception as again:  # KeyError, RuntimeError of a damaged zip archive, ...
+        return f"not a torch file: {type(again).__name__}: {_first_sentence(again)}"
+    if not isinstance(content, dict) or not content:
+        return f"it holds a {type(content).__name__}, not a state_dict of tensors"
+    return f"{type(err).__name__}: {_first_sentence(err)}"
+
+
+def _first_sentence(err: Exception) -> str:
+    """The first sentence of an exception's message, on one line."""
+    text = " ".join(str(err).split())
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] or type(err).__name__
 
 
 def clip_activation(clip: nn.Module) -> str:
