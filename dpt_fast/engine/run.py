@@ -181,7 +181,7 @@ def _load_run_data(session: Session, config: TrainConfig
 
 
 def run_in_session(session: Session, config: TrainConfig, template_explicit: bool = False, *,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, lock_held: bool = False) -> dict:
     """One training run in ``session`` (which holds the device, the CLIP and the datasets it
     shares with other runs): train, evaluate, write the run folder; returns results.json's
     content. The run owns its folder, few-shot split, model, optimizer and data loaders.
@@ -189,6 +189,7 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
     An output folder that holds a run is refused unless ``config.resume`` (continue it) or
     ``overwrite`` (remove its files first); the folder is locked while the run writes it.
     Everything that can be checked before training (data, classes, the folder) is.
+    ``lock_held``: the caller (a sweep, which claims runs) holds the folder's lock already.
     """
     check_folder_flags(config.resume, overwrite)
     info, device = session.info, session.device
@@ -198,7 +199,8 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
     try:
         if info.is_main:
             _check_writable(output_dir)
-            lock.acquire()
+            if not lock_held:
+                lock.acquire()
             prepare_run_folder(output_dir, resume=config.resume, overwrite=overwrite)
         barrier(info)
         splits, new = _load_run_data(session, config)

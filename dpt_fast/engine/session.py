@@ -18,7 +18,12 @@ from dpt_fast.backbone import clip_record, load_clip
 from dpt_fast.data import DatasetSplits, build_dataset, image_folder_dataset
 from dpt_fast.data.datasets import DatasetIndex, read_dataset_index
 from dpt_fast.engine.device import resolve_device
-from dpt_fast.engine.distributed import DistInfo, close_distributed, init_distributed
+from dpt_fast.engine.distributed import (
+    DistInfo,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+)
 
 log = logging.getLogger("dpt_fast")
 
@@ -60,6 +65,11 @@ class Session:
         self._clip = None
         self._indexes.clear()
         close_distributed()
+
+    def broadcast(self, value):
+        """Process 0's ``value`` on every process of the group (decisions only it can make,
+        such as whether it took a run folder's lock)."""
+        return broadcast_object(value, self.info)
 
     def clip(self, backbone: str, pretrained: str) -> LoadedClip:
         """The CLIP ``backbone`` with weights ``pretrained``, built once: the last one built is

@@ -1,0 +1,344 @@
+"""The ``dpt-fast sweep`` command: its flags, its checks before any run, ``--dry-run`` /
+``--estimate``, ``--emit-slurm``, and the run itself (:mod:`dpt_fast.engine.sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+
+from dpt_fast.engine.config import TrainConfig
+from dpt_fast.engine.sweep_plan import (
+    PROTOCOLS,
+    PlannedRun,
+    SweepGrid,
+    check_grid,
+    parse_shard,
+    plan_runs,
+    run_state,
+    shard_runs,
+)
+
+log = logging.getLogger("dpt_fast")
+
+# The grid's names: list flags of `sweep` and keys of its --config YAML.
+GRID_KEYS = ("datasets", "shots", "seeds", "methods", "protocol", "source", "targets")
+# TrainConfig / DPTConfig fields the grid sets per run: not flags of `sweep`.
+PER_RUN_FIELDS = frozenset({"dataset", "shots", "seed", "method", "subsample", "resume"})
+DEFAULT_SLURM_SHARDS = 8
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    grid = parser.add_argument_group("grid (each run is one `dpt-fast train`)")
+    grid.add_argument("--protocol", choices=PROTOCOLS, default=argparse.SUPPRESS,
+                      help="few-shot (default): every dataset x shots x seed; base2new: train "
+                           "on the base classes, evaluate base and new; cross-dataset / dg: "
+                           "train on --source, evaluate every target with its prompts")
+    grid.add_argument("--datasets", nargs="+", default=argparse.SUPPRESS,
+                      help="datasets trained on (default: the 11 CoOp datasets; with "
+                           "cross-dataset, the targets are these less the source)")
+    grid.add_argument("--shots", nargs="+", type=int, default=argparse.SUPPRESS,
+                      help="shot counts (default: 1 2 4 8 16 for few-shot, 16 otherwise)")
+    grid.add_argument("--seeds", nargs="+", type=int, default=argparse.SUPPRESS,
+                      help="seeds (default: 1 2 3)")
+    grid.add_argument("--methods", nargs="+", default=argparse.SUPPRESS,
+                      help="method presets (default: dpt)")
+    grid.add_argument("--source", default=argparse.SUPPRESS,
+                      help="cross-dataset / dg: the dataset trained on (default: imagenet)")
+    grid.add_argument("--targets", nargs="+", default=argparse.SUPPRESS,
+                      help="cross-dataset / dg: the datasets evaluated (default: the other "
+                           "--datasets; dg: imagenetv2 imagenet_sketch imagenet_a imagenet_r)")
+    how = parser.add_argument_group("sweep")
+    how.add_argument("--shard", default=None, metavar="I/N",
+                     help="do the I-th of N fixed slices of the runs (0 <= I < N)")
+    how.add_argument("--dry-run", action="store_true",
+                     help="list the runs (done / partial / to do) and the work they need, "
+                          "then stop")
+    how.add_argument("--estimate", action="store_true",
+                     help="with --dry-run: time 20 training steps and one evaluation batch "
+                          "per method on the device and print the expected wall time")
+    how.add_argument("--fail-fast", action="store_true",
+                     help="stop at the first failed run (default: record it and go on)")
+    slurm = parser.add_argument_group("SLURM")
+    slurm.add_argument("--emit-slurm", type=Path, metavar="JOB.sh",
+                       help="write a SLURM array script (one array task per shard) and stop")
+    slurm.add_argument("--slurm-shards", type=int, default=DEFAULT_SLURM_SHARDS,
+                       help=f"array tasks (default: {DEFAULT_SLURM_SHARDS}, at most the runs)")
+    slurm.add_argument("--slurm-gpus", type=int, default=1,
+                       help="GPUs per array task; more than 1 runs each shard with torchrun "
+                            "(DDP) (default: 1)")
+    slurm.add_argument("--slurm-cpus", type=int, default=8,
+                       help="CPU cores per array task (default: 8)")
+    slurm.add_argument("--slurm-time", default="24:00:00", help="time limit per array task "
+                       "(default: 24:00:00)")
+    slurm.add_argument("--slurm-partition", default=None, help="partition (default: the "
+                       "cluster's)")
+
+
+def grid_from(args: argparse.Namespace, yaml_values: dict) -> SweepGrid:
+    """The grid: flags over YAML keys over the defaults."""
+    values = {k: yaml_values[k] for k in GRID_KEYS if k in yaml_values}
+    values.update({k: getattr(args, k) for k in GRID_KEYS if hasattr(args, k)})
+    for name in ("datasets", "methods", "targets"):
+        if name in values and isinstance(values[name], str):
+            values[name] = values[name].split()
+    for name in ("shots", "seeds"):
+        if name in values and not isinstance(values[name], list | tuple):
+            values[name] = [values[name]]
+        if name in values:
+            try:
+                values[name] = [int(v) for v in values[name]]
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be integers, got {values[name]!r}") from None
+    for name in ("datasets", "methods", "targets", "shots", "seeds"):
+        if name in values:
+            values[name] = tuple(values[name])
+    return SweepGrid(**values)
+
+
+def check_data(runs: list[PlannedRun], grid: SweepGrid, root: str) -> list[str]:
+    """What the data under ``root`` cannot give the runs: missing dataset folders, shot
+    counts no class reaches. Reads each dataset's index once."""
+    from dpt_fast.data.datasets import read_dataset_index
+
+    problems = []
+    max_shots = {}
+    for dataset in (*grid.train_datasets(), *grid.target_datasets()):
+        try:
+            index = read_dataset_index(dataset, root)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            problems.append(str(err.args[0] if isinstance(err, KeyError) else err))
+            continue
+        counts = Counter(item.label for item in index.raw.train)
+        max_shots[dataset] = max(counts.values(), default=0)
+    for run in runs:
+        most = max_shots.get(run.dataset)
+        if most is not None and run.shots > most:
+            problems.append(f"{run.dataset} cannot give {run.shots} shots: its largest class "
+                            f"has {most} training images")
+    return sorted(set(problems), key=problems.index)
+
+
+def _work(run: PlannedRun, root: str) -> tuple[int, int]:
+    """(training image-steps, evaluation images) of one run."""
+    from dpt_fast.data.datasets import read_dataset_index
+    from dpt_fast.data.fewshot import select_subsample_labels
+
+    index = read_dataset_index(run.dataset, root)
+    counts = Counter(item.label for item in index.raw.train)
+    kept = select_subsample_labels(list(counts), run.config.subsample)
+    train = sum(min(run.shots, counts[label]) for label in kept)
+    evaluated = len(index.raw.test)  # base2new: base and new halves together
+    for target in run.targets:
+        evaluated += len(read_dataset_index(target, root).raw.test)
+    return run.config.epochs * train, evaluated
+
+
+def describe_plan(runs: list[PlannedRun], template_explicit: bool, root: str,
+                  seconds: dict[str, tuple[float, float]] | None = None) -> str:
+    """The ``--dry-run`` table: each run's state and work, totals, and with ``seconds`` (per
+    method: seconds per training image, per evaluation image) the expected wall time."""
+    lines = [f"{'run':<44} {'state':<8} {'image-steps':>12} {'eval images':>12}"]
+    totals: Counter = Counter()
+    expected = 0.0
+    for run in runs:
+        state, why = run_state(run, template_explicit)
+        steps, evaluated = _work(run, root)
+        totals[state] += 1
+        if state != "done":
+            totals["steps"] += steps
+            totals["eval"] += evaluated
+            if seconds is not None:
+                per_step, per_eval = seconds[run.method]
+                expected += steps * per_step + evaluated * per_eval
+        lines.append(f"{run.name:<44} {state:<8} {steps:>12,} {evaluated:>12,}"
+                     + (f"  ({why})" if why else ""))
+    lines.append(f"{len(runs)} runs: {totals['done']} done, {totals['partial']} partial, "
+                 f"{totals['to do']} to do, {totals['conflict']} conflicting | left: "
+                 f"{totals['steps']:,} training image-steps, {totals['eval']:,} evaluation "
+                 "images")
+    if seconds is not None:
+        from dpt_fast.engine.progress import format_duration
+
+        lines.append(f"expected wall time of what is left: {format_duration(expected)} (model "
+                     "time from the timings above; data loading and start-up not included)")
+    return "\n".join(lines)
+
+
+def emit_slurm(path: Path, argv: list[str], args: argparse.Namespace, n_runs: int,
+               output_dir: Path) -> int:
+    """Write a SLURM array script running this sweep, one array task per shard."""
+    shards = max(1, min(args.slurm_shards, n_runs))
+    command = _command_without(argv, {"--emit-slurm", "--slurm-shards", "--slurm-gpus",
+                                      "--slurm-cpus", "--slurm-time", "--slurm-partition",
+                                      "--shard"}, {"--dry-run", "--estimate"})
+    if args.slurm_gpus > 1:
+        launcher = f"torchrun --standalone --nproc_per_node={args.slurm_gpus} -m dpt_fast"
+    else:
+        launcher = "dpt-fast"
+    lines = ["#!/bin/bash",
+             f"# {n_runs} runs of `dpt-fast sweep` in {shards} array tasks; submit with",
+             f"#   sbatch {path}",
+             "# Rerunning it (or one task) skips finished runs and resumes interrupted ones.",
+             "#SBATCH --job-name=dpt-fast-sweep",
+             f"#SBATCH --array=0-{shards - 1}",
+             "#SBATCH --ntasks=1",
+             f"#SBATCH --gpus-per-task={args.slurm_gpus}",
+             f"#SBATCH --cpus-per-task={args.slurm_cpus}",
+             f"#SBATCH --time={args.slurm_time}",
+             f"#SBATCH --output={output_dir / 'slurm'}/%A_%a.log"]
+    if args.slurm_partition:
+        lines.append(f"#SBATCH --partition={args.slurm_partition}")
+    lines += ["set -euo pipefail",
+              f"mkdir -p {shlex.quote(str(output_dir / 'slurm'))}",
+              f"srun {launcher} sweep {shlex.join(command)} \\",
+              "    --shard \"${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}\"", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    path.chmod(0o755)
+    print(f"wrote {path}: {shards} array tasks for {n_runs} runs; submit with `sbatch {path}`")
+    return 0
+
+
+def _command_without(argv: list[str], with_value: set[str], flags: set[str]) -> list[str]:
+    """``argv`` after the ``sweep`` word, less the named options (and their values)."""
+    args = argv[argv.index("sweep") + 1:] if "sweep" in argv else list(argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in with_value:
+            skip = "=" not in arg
+            continue
+        if name in flags:
+            continue
+        kept.append(arg)
+    return kept
+
+
+def estimate_seconds(runs: list[PlannedRun], device_name: str
+                     ) -> dict[str, tuple[float, float]]:
+    """Per method: (seconds per training image, seconds per evaluation image), from 20 timed
+    training steps and one evaluation batch of the fast model on random images of the first
+    run's shape (the device's compute only)."""
+    import torch
+
+    from dpt_fast.engine.device import autocast_dtype
+    from dpt_fast.engine.session import Session
+    from dpt_fast.model import DPT
+
+    out: dict[str, tuple[float, float]] = {}
+    with Session(device_name) as session:
+        for method in dict.fromkeys(run.method for run in runs):
+            run = next(r for r in runs if r.method == method)
+            config = run.config
+            clip = session.clip(config.backbone, config.pretrained).module
+            # shots -1: the full splits, which writes no few-shot file
+            index_classes = session.splits(config.dataset, config.root, -1, config.seed,
+                                           config.subsample).classnames
+            model = DPT(clip, index_classes, config.model)
+            size = model.geometry.image_size[0]
+            device = session.device
+            amp = autocast_dtype(config.precision, device)
+            images = torch.randn(config.batch_size, 3, size, size, device=device)
+            labels = torch.randint(len(index_classes), (config.batch_size,), device=device)
+            per_train, per_eval = _time_model(model, images, labels, amp,
+                                              config.eval_batch_size)
+            out[method] = (per_train, per_eval)
+            print(f"{method}: {1 / per_train:.1f} training images/s, {1 / per_eval:.1f} "
+                  f"evaluation images/s on {device} ({config.backbone})")
+    return out
+
+
+def _time_model(model, images, labels, amp, eval_batch_size: int) -> tuple[float, float]:
+    """Seconds per image of a training step (20 timed after 2) and of an evaluation batch."""
+    import time
+
+    import torch
+
+    device = images.device
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model.loss(model(images), labels, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    for _ in range(2):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        step()
+    _sync(device)
+    per_train = (time.perf_counter() - start) / (20 * images.shape[0])
+    model.eval()
+    batch = torch.randn(eval_batch_size, *images.shape[1:], device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        model(batch[:2])
+        _sync(device)
+        start = time.perf_counter()
+        model(batch)
+        _sync(device)
+    return per_train, (time.perf_counter() - start) / eval_batch_size
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[str],
+               yaml_values: dict, argv: list[str]) -> int:
+    """Plan, check and do (or describe) the sweep; returns the exit status."""
+    grid = grid_from(args, yaml_values)
+    problems = check_grid(grid)
+    if args.estimate and not args.dry_run:
+        problems.append("--estimate goes with --dry-run")
+    shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
+    if args.slurm_shards < 1 or args.slurm_gpus < 1 or args.slurm_cpus < 1:
+        problems.append("--slurm-shards, --slurm-gpus and --slurm-cpus must be >= 1")
+    if problems:
+        raise ValueError("; ".join(problems))
+    output_dir = Path(base.output_dir)
+    template_explicit = "template" in explicit
+    runs = plan_runs(base, explicit, grid, output_dir)
+    problems = check_data(runs, grid, base.root)
+    if problems:
+        raise ValueError("; ".join(problems))
+    from dpt_fast.engine.sweep import conflicts, run_sweep
+
+    clashing = conflicts(runs, template_explicit)
+    if clashing:
+        raise ValueError(f"{len(clashing)} run folder(s) hold runs with other settings: "
+                         f"{', '.join(clashing[:5])}{' ...' if len(clashing) > 5 else ''}; "
+                         "choose another --output-dir or the settings they were run with")
+    if args.emit_slurm is not None:
+        return emit_slurm(args.emit_slurm, argv, args, len(runs), output_dir)
+    mine = shard_runs(runs, *shard)
+    if args.dry_run:
+        seconds = estimate_seconds(mine, base.device) if args.estimate else None
+        print(describe_plan(mine, template_explicit, base.root, seconds))
+        return 0
+    log.info("sweep: %d runs%s in %s", len(mine),
+             f" (shard {shard[0]}/{shard[1]} of {len(runs)})" if shard[1] > 1 else "",
+             output_dir)
+    outcome = run_sweep(mine, template_explicit=template_explicit, fail_fast=args.fail_fast,
+                        device=base.device)
+    print(f"sweep: {len(outcome.done)} run(s) done now, {len(outcome.skipped)} done before, "
+          f"{len(outcome.busy)} held by other processes, {len(outcome.failed)} failed")
+    if outcome.failed:
+        for name, error in outcome.failed.items():
+            print(f"  FAILED {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
