@@ -224,8 +224,14 @@ class DPTBase(nn.Module):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, images: torch.Tensor) -> DPTOutput:
-        """images (B, 3, H, W), CLIP-normalised -> :class:`DPTOutput`."""
+    def forward(self, images: torch.Tensor,
+                frozen_features: torch.Tensor | None = None) -> DPTOutput:
+        """images (B, 3, H, W), CLIP-normalised -> :class:`DPTOutput`.
+
+        ``frozen_features``: (B, E) :meth:`encode_image_frozen` of these images, computed
+        before (an evaluation cache: the frozen CLIP's features of an image never change); the
+        unprompted pass is then skipped. Same values in, same outputs.
+        """
         self.check_images(images)
         spec = self.config.spec
         scale = self.clip.logit_scale.exp()
@@ -233,7 +239,12 @@ class DPTBase(nn.Module):
 
         frozen = None
         if spec.class_aware_prompts or spec.guidance:
-            frozen = _normalize(self.encode_image_frozen(images))  # (B, E), no grad
+            if frozen_features is None:
+                frozen_features = self.encode_image_frozen(images)
+            elif tuple(frozen_features.shape) != (images.shape[0], handcrafted.shape[1]):
+                raise ValueError(f"frozen_features must have shape ({images.shape[0]}, "
+                                 f"{handcrafted.shape[1]}), got {tuple(frozen_features.shape)}")
+            frozen = _normalize(frozen_features)  # (B, E), no grad
         text = self.encode_learned_text() if spec.text_prompts else None  # (C, E)
         text_n = _normalize(text) if text is not None else handcrafted
 

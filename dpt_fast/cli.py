@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from dpt_fast import __version__
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, fields_with
 from dpt_fast.engine.config import (
@@ -29,6 +30,7 @@ from dpt_fast.engine.config import (
     config_to_dict,
     field_help,
 )
+from dpt_fast.engine.progress import PROGRESS_MODES, ProgressSettings
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.errors import RunFolderBusy, TrainingDiverged
 
@@ -57,19 +59,22 @@ def _add_field(parser: argparse.ArgumentParser, name: str, kind, help_text: str,
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, only: frozenset[str] | None = None,
-                      model: bool = True) -> None:
+                      model: bool = True, exclude: frozenset[str] = frozenset()) -> None:
     train_help, model_help = field_help(TrainConfig), field_help(DPTConfig)
     train_types, model_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(DPTConfig)
     defaults = TrainConfig()
     group = parser.add_argument_group("run")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model" or (only is not None and f.name not in only):
+        if f.name == "model" or (only is not None and f.name not in only) \
+                or f.name in exclude:
             continue
         _add_field(group, f.name, train_types[f.name], train_help.get(f.name, ""),
                    getattr(defaults, f.name))
     if model:
         group = parser.add_argument_group("model (DPTConfig)")
         for f in dataclasses.fields(DPTConfig):
+            if f.name in exclude:
+                continue
             default = getattr(defaults.model, f.name)
             if f.name == "template":
                 default = "the dataset's template"
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dual-modality Prompt Tuning for CLIP: train, evaluate, predict, report, "
                     "demo.")
     _add_common_flags(parser, default=False)
+    # argparse's version action prints and exits before the required command is asked for.
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -110,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="start again in an output folder that holds a run, removing the "
                             "old run's files first (without it such a folder is refused)")
+    sweep = command("sweep", "many training runs in one command (datasets x shots x seeds x "
+                    "methods): resumable, shardable over processes and SLURM array tasks")
+    from dpt_fast.engine.sweep_command import PER_RUN_FIELDS, add_sweep_arguments
+
+    _add_config_flags(sweep, exclude=PER_RUN_FIELDS)
+    add_sweep_arguments(sweep)
     evaluate = command("eval", "evaluate a checkpoint on a dataset's test split")
     _add_config_flags(evaluate, only=EVAL_FIELDS, model=True)
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -120,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
+    report.add_argument("--format", choices=("summary", "markdown", "csv", "latex"),
+                        default="summary",
+                        help="summary: a row per experiment (default); markdown, csv, latex: "
+                             "the paper's tables (few-shot, base-to-new, cross-dataset)")
+    report.add_argument("--plot", type=Path, metavar="PNG",
+                        help="also draw accuracy vs shots per dataset here (needs matplotlib)")
     predict = command("predict", "top-k classes of images under a trained checkpoint")
     predict.add_argument("images", nargs="+", help="image files, and folders searched "
                          "recursively for images")
@@ -139,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 'auto')")
     predict.add_argument("--precision", choices=typing.get_args(Precision), default="auto",
                          help="auto: bf16 autocast on CUDA, fp32 on CPU (default: 'auto')")
+    predict.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                         help="a bar on a terminal, log lines otherwise (auto); bar, lines, none "
+                              "(default: 'auto')")
+    predict.add_argument("--log-every", type=int, default=0,
+                         help="lines mode: a progress line every N batches (0: about every "
+                              "30 s; default: 0)")
     predict.add_argument("--pretrained", default=None,
                          help="CLIP weights instead of those the checkpoint records (an "
                               "open_clip tag or a file, e.g. a local copy of them)")
@@ -178,10 +203,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str
         ValueError: a bad YAML file or value, naming the file or the field.
         FileNotFoundError: the YAML file does not exist.
     """
+    loaded = _read_yaml(args.config) if getattr(args, "config", None) is not None else None
+    return _resolve(args, loaded)
+
+
+def _resolve(args: argparse.Namespace, loaded: dict | None
+             ) -> tuple[TrainConfig, frozenset[str]]:
     values = config_to_dict(TrainConfig())
     explicit: dict = {}
-    if getattr(args, "config", None) is not None:
-        loaded = _read_yaml(args.config)
+    if loaded is not None:
         model_values = loaded.pop("model", {}) or {}
         if not isinstance(model_values, dict):
             raise ValueError(f"'model' in {args.config} must be a mapping of DPTConfig fields, "
@@ -227,19 +257,32 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line for line in lines if line) or type(err).__name__
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "report":
-        from dpt_fast.engine.report import report_runs
+def _check_device(name: str) -> None:
+    """Refuse a device this machine does not have before any data or CLIP is loaded (the error
+    lists the devices it has)."""
+    from dpt_fast.engine.device import check_device
 
-        print(report_runs(args.runs, args.out))
+    check_device(name)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "report":
+        from dpt_fast.engine.report_table import report_command
+
+        print(report_command(args.runs, args.format, args.out, args.plot))
         return 0
+    if args.command in ("demo", "predict"):
+        _check_device(args.device)
     if args.command == "demo":
         from dpt_fast.toy.demo import main_from_args
 
         return main_from_args(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "sweep":
+        return _sweep(args, argv)
     config, explicit = resolve_config(args)
+    _check_device(config.device)
     from dpt_fast.engine.run import eval_run, train_run
 
     if args.command == "train":
@@ -255,9 +298,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from dpt_fast.engine.sweep_command import GRID_KEYS, PER_RUN_FIELDS, sweep_main
+
+    loaded = _read_yaml(args.config) if getattr(args, "config", None) is not None else {}
+    grid_values = {key: loaded.pop(key) for key in GRID_KEYS if key in loaded}
+    per_run = sorted(PER_RUN_FIELDS & set(loaded))
+    if per_run:
+        raise ValueError(f"{args.config}: {per_run} are set per run by the sweep; use "
+                         "datasets, shots, seeds, methods and protocol")
+    # The grid's --shots (a list) is not TrainConfig.shots: the runs get theirs from the grid.
+    run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in GRID_KEYS})
+    config, explicit = _resolve(run_args, loaded if args.config is not None else None)
+    if config.tensorboard:
+        from dpt_fast.engine.tensorboard import check_tensorboard_available
+
+        check_tensorboard_available()
+    return sweep_main(args, config, explicit, grid_values, argv)
+
+
 def _predict(args: argparse.Namespace) -> int:
     for flag, value, least in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
-                               ("--num-workers", args.num_workers, 0)):
+                               ("--num-workers", args.num_workers, 0),
+                               ("--log-every", args.log_every, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     from dpt_fast.engine.predictions import (
@@ -274,7 +337,8 @@ def _predict(args: argparse.Namespace) -> int:
     predictions = predict_checkpoint(
         args.checkpoint, paths, top_k=args.top_k, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, precision=args.precision,
-        pretrained=args.pretrained)
+        pretrained=args.pretrained,
+        progress=ProgressSettings(mode=args.progress, log_every=args.log_every))
     failed = [p for p in predictions if p.error is not None]
     if args.output is not None:
         write_predictions(predictions, args.output)
@@ -301,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return _run(args)
+        return _run(args, list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         if args.debug:
             raise

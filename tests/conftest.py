@@ -11,10 +11,12 @@ not import triton. With a GPU the kernels compile, and their CPU cases skip.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,11 @@ REQUIRE_CUDA = os.environ.get("DPT_FAST_REQUIRE_CUDA", "0") == "1"
 
 if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The disk caches of the runs the tests make go to a folder of this session (the CLI
+# subprocesses inherit it), never to the user's ~/.cache/dpt_fast.
+os.environ["DPT_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpt_fast_test_cache_")
+atexit.register(shutil.rmtree, os.environ["DPT_FAST_CACHE_DIR"], ignore_errors=True)
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

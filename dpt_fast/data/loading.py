@@ -8,12 +8,19 @@ The transforms are what Dassl builds from the authors' config (``configs/trainer
   ``ToTensor()``, ``Normalize`` (no resize first: Dassl skips it when a random crop is chosen);
 * test: ``Resize(size, bicubic)`` of the shorter side, ``CenterCrop(size)``, ``ToTensor()``,
   ``Normalize``.
+
+:func:`build_uint8_transforms` is the same spatial pipeline (same PIL operations, same random
+draws) ending in a uint8 ``(3, size, size)`` tensor instead: the float conversion and the
+normalisation then run on the whole batch on the device
+(:func:`dpt_fast.data.device_batches.normalize_uint8`, bit-identical to ``ToTensor`` +
+``Normalize``), and the workers ship a quarter of the bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -33,18 +40,48 @@ INTERPOLATION = InterpolationMode.BICUBIC
 def build_transforms(train: bool, image_size: int = DEFAULT_IMAGE_SIZE) -> T.Compose:
     """Dassl's train or test pipeline for the authors' config, producing CLIP-normalised
     ``(3, image_size, image_size)`` float tensors from PIL images."""
+    return T.Compose([*_spatial_transforms(train, image_size), T.ToTensor(),
+                      T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
+
+
+def build_uint8_transforms(train: bool, image_size: int = DEFAULT_IMAGE_SIZE) -> T.Compose:
+    """The spatial part of :func:`build_transforms` (same PIL operations, in the same order, so
+    the same random draws under the same seed), producing uint8 ``(3, image_size, image_size)``
+    tensors, values 0-255, from PIL images.
+
+    ``normalize_uint8`` of a batch of these equals ``build_transforms``' output bit for bit.
+    """
+    return T.Compose([*_spatial_transforms(train, image_size), ToUint8Tensor()])
+
+
+def _spatial_transforms(train: bool, image_size: int) -> list[Callable]:
+    """Dassl's PIL-to-PIL steps: the random crop and flip for training, resize and centre crop
+    for testing."""
     if train:
-        spatial: list[Callable] = [
+        return [
             T.RandomResizedCrop((image_size, image_size), scale=RANDOM_RESIZED_CROP_SCALE,
                                 interpolation=INTERPOLATION),
             T.RandomHorizontalFlip(),
         ]
-    else:
-        spatial = [
-            T.Resize(image_size, interpolation=INTERPOLATION),
-            T.CenterCrop((image_size, image_size)),
-        ]
-    return T.Compose([*spatial, T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
+    return [
+        T.Resize(image_size, interpolation=INTERPOLATION),
+        T.CenterCrop((image_size, image_size)),
+    ]
+
+
+class ToUint8Tensor:
+    """PIL RGB image (W x H) -> contiguous uint8 tensor (3, H, W): ``ToTensor`` without the
+    division by 255 (the same pixel layout, so the float conversion can happen later)."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode != "RGB":
+            raise ValueError(f"ToUint8Tensor expects an RGB image, got mode {image.mode!r}")
+        # np.array copies into a writable array (np.asarray of a PIL image is read-only, which
+        # torch.from_numpy warns about); contiguous() makes collation a plain copy.
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 class ImageReadError(OSError):

@@ -73,6 +73,15 @@ class TrainConfig:
     log_every: int = with_roles(0, EVAL, RESUMABLE)
     # write TensorBoard summaries to output_dir/tensorboard (needs the tensorboard extra)
     tensorboard: bool = with_roles(False, RESUMABLE)
+    # keep test crops and frozen CLIP features on disk (--no-cache: decode and compute each time)
+    cache: bool = with_roles(True, EVAL, RESUMABLE)
+    # folder of the disk caches ("": $DPT_FAST_CACHE_DIR, else ~/.cache/dpt_fast)
+    cache_dir: str = with_roles("", EVAL, RESUMABLE)
+    # decoded training images kept in memory per loader process, GiB (0: a quarter of the RAM
+    # shared by the processes, at most 4 GiB each); beyond it images are decoded again
+    cache_ram_gb: float = with_roles(0.0, RESUMABLE)
+    # leave unreadable test images out (counted in results.json) instead of stopping the run
+    skip_unreadable: bool = with_roles(False, EVAL, RESUMABLE)
     model: DPTConfig = field(default_factory=DPTConfig)  # the DPT model
 
     def __post_init__(self) -> None:
@@ -95,6 +104,8 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, ">= 0 (0: evaluate at the end only)"),
             ("progress", self.progress in PROGRESS_MODES, f"one of {list(PROGRESS_MODES)}"),
             ("log_every", self.log_every >= 0, ">= 0 (0: about every 30 s)"),
+            ("cache_ram_gb", _finite(self.cache_ram_gb) and self.cache_ram_gb >= 0,
+             "a finite number >= 0 (0: automatic)"),
         )
         for name, ok, rule in rules:
             if not ok:
@@ -103,6 +114,13 @@ class TrainConfig:
 
 def progress_settings(config: TrainConfig) -> ProgressSettings:
     return ProgressSettings(mode=config.progress, log_every=config.log_every)
+
+
+def cache_settings(config: TrainConfig):
+    """The disk caches' settings of a run (``--cache``, ``--cache-dir``)."""
+    from dpt_fast.data.disk_cache import CacheSettings
+
+    return CacheSettings.from_options(config.cache_dir or None, no_cache=not config.cache)
 
 
 def _finite(value: float) -> bool:

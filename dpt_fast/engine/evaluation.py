@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpt_fast.base import DPTBase
+from dpt_fast.data.device_batches import normalize_uint8
 from dpt_fast.engine.distributed import DistInfo, gather_objects
 from dpt_fast.engine.metrics import classification_report
 from dpt_fast.engine.progress import ProgressSettings, format_duration, track
@@ -20,12 +21,17 @@ log = logging.getLogger("dpt_fast")
 def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: torch.device,
              info: DistInfo, batch_size: int, num_workers: int,
              amp_dtype: torch.dtype | None, desc: str = "eval",
-             progress: ProgressSettings | None = None) -> dict:
+             progress: ProgressSettings | None = None,
+             frozen: torch.Tensor | None = None) -> dict:
     """Accuracy, macro-F1 and per-class accuracy of ``model`` on ``dataset``.
 
     Each process evaluates every world_size-th sample; the predictions are gathered, so every
     process returns the same report. ``progress``: how the batches are reported (a bar on a
     terminal, log lines otherwise by default); the end is one INFO line.
+
+    ``dataset`` yields float images (normalised) or uint8 crops (normalised here, on the
+    device: bit-identical to normalising on the CPU). ``frozen``: (N, E) the frozen CLIP's
+    features of the N samples (an evaluation cache), so the model runs one prompted pass.
     """
     model.eval()
     indices = list(range(info.rank, len(dataset), info.world_size))
@@ -35,9 +41,18 @@ def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: tor
     start = time.perf_counter()
     batches = track(loader, len(loader), desc, progress or ProgressSettings(),
                     enabled=info.is_main)
+    done = 0
     for images, _ in batches:
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images)
+        features = None
+        if frozen is not None:
+            batch_indices = indices[done:done + images.shape[0]]
+            features = frozen[batch_indices].to(device, non_blocking=True)
+        done += images.shape[0]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images.to(device, non_blocking=True)).logits
+            logits = model(images, frozen_features=features).logits
         predictions.extend(logits.argmax(-1).tolist())
     gathered = gather_objects(list(zip(indices, predictions, strict=True)), info)
     merged = sorted(pair for part in gathered for pair in part)

@@ -23,8 +23,10 @@ from dpt_fast.backbone import check_activation
 from dpt_fast.base import DPTBase
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import PER_DATASET, config_diff, fields_with
-from dpt_fast.data import DatasetSplits, ImageDataset, build_transforms
-from dpt_fast.engine.config import TrainConfig, config_to_dict, progress_settings
+from dpt_fast.data import DatasetSplits
+from dpt_fast.data.decoded import DecodedImages, default_cache_ram_bytes
+from dpt_fast.data.loading import build_uint8_transforms
+from dpt_fast.engine.config import TrainConfig, cache_settings, config_to_dict, progress_settings
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import barrier
 from dpt_fast.engine.evaluation import evaluate
@@ -40,8 +42,9 @@ from dpt_fast.engine.run_folder import (
     prepare_run_folder,
 )
 from dpt_fast.engine.seeding import seed_all
-from dpt_fast.engine.session import Session
+from dpt_fast.engine.session import LoadedClip, Session
 from dpt_fast.engine.tensorboard import RunSummaries, check_tensorboard_available
+from dpt_fast.engine.test_data import TestSet, frozen_features
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
@@ -88,14 +91,36 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
                          f"unexpected {result.unexpected_keys}")
 
 
-def _eval_split(model: DPTBase, splits: DatasetSplits, config: TrainConfig,
-                device: torch.device, info, desc: str) -> dict:
-    dataset = ImageDataset(splits.test, build_transforms(train=False,
-                                                         image_size=model.geometry.image_size[0]))
-    return evaluate(model, dataset, [d.label for d in splits.test], device=device, info=info,
-                    batch_size=config.eval_batch_size, num_workers=config.num_workers,
-                    amp_dtype=autocast_dtype(config.precision, device), desc=desc,
-                    progress=progress_settings(config))
+def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session: Session,
+                clip: LoadedClip, desc: str) -> dict:
+    """Accuracy on a prepared test split; the frozen features from the cache when it is on."""
+    device, info = session.device, session.info
+    amp = autocast_dtype(config.precision, device)
+    frozen = None
+    if model.config.spec.class_aware_prompts or model.config.spec.guidance:
+        frozen = frozen_features(test_set, model, clip.cache_key(), device, amp,
+                                 cache_settings(config))
+    report = evaluate(model, test_set.dataset, test_set.labels, device=device, info=info,
+                      batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                      amp_dtype=amp, desc=desc, progress=progress_settings(config),
+                      frozen=frozen)
+    if test_set.skipped:
+        report["skipped_unreadable"] = list(test_set.skipped)
+    return report
+
+
+def _test_set(session: Session, splits: DatasetSplits, config: TrainConfig, subsample: str,
+              image_size: int) -> TestSet:
+    return session.test_set(splits, subsample, image_size, cache_settings(config),
+                            skip_unreadable=config.skip_unreadable,
+                            num_workers=config.num_workers)
+
+
+def _decoded_bytes(config: TrainConfig) -> int:
+    """The decoded-image memory bound of each training loader process (``--cache-ram-gb``)."""
+    if config.cache_ram_gb > 0:
+        return int(config.cache_ram_gb * 2**30)
+    return default_cache_ram_bytes(config.num_workers)
 
 
 def _model_config(config: TrainConfig, splits: DatasetSplits,
@@ -211,8 +236,14 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
         seed_all(config.seed)  # same prompt initialisation on every process
         model = DPT(clip.module, splits.classnames, model_config)
         image_size = model.geometry.image_size[0]
-        train_set = ImageDataset(splits.train, build_transforms(train=True,
-                                                                image_size=image_size))
+        # Before training: every test image is read now (an unreadable one stops the run
+        # here, not after the training), and the crops are cached for every later evaluation.
+        test_set = _test_set(session, splits, config, config.subsample, image_size)
+        new_test = _test_set(session, new, config, "new", image_size) if new else None
+        data["test_images_skipped"] = len(test_set.skipped) + (
+            len(new_test.skipped) if new_test else 0)
+        train_set = DecodedImages(splits.train, build_uint8_transforms(True, image_size),
+                                  max_bytes=_decoded_bytes(config))
         run_config = dataclasses.replace(config, model=model_config)
         trainer = Trainer(model, run_config, train_set, device, info, output_dir,
                           clip_info=clip.record)
@@ -227,17 +258,19 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
                                                   "clip": clip.record})
             summaries.config({**config_to_dict(run_config), "clip": clip.record})
         history = trainer.fit(
-            lambda: _eval_split(model, splits, run_config, device, info, "test"))
+            lambda: _eval_split(model, test_set, run_config, session, clip, "test"))
+        trainer.close()  # the training loader's workers are done
         results = {"config": config_to_dict(run_config), "clip": clip.record,
                    "dataset": config.dataset, "classes": splits.classnames, "data": data,
                    "history": history}
         final_step = config.epochs * trainer.steps_per_epoch()
-        results["test"] = _eval_split(model, splits, run_config, device, info, "test")
+        results["test"] = _eval_split(model, test_set, run_config, session, clip, "test")
         summaries.evaluation("test", results["test"], final_step)
         if new is not None:
             new_model = DPT(clip.module, new.classnames, model_config)
             load_for_classes(new_model, model.state_dict())
-            results["test_new"] = _eval_split(new_model, new, run_config, device, info, "new")
+            results["test_new"] = _eval_split(new_model, new_test, run_config, session, clip,
+                                              "new")
             results["harmonic_mean"] = harmonic_mean(results["test"]["accuracy"],
                                                      results["test_new"]["accuracy"])
             summaries.evaluation("test_new", results["test_new"], final_step)
@@ -301,7 +334,7 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
                     ) -> dict:
     """:func:`eval_run` in ``session``; writes ``output_name`` (default
     ``eval_<dataset>_<subsample>.json``) in ``config.output_dir``."""
-    info, device = session.info, session.device
+    info = session.info
     out = Path(config.output_dir)
     if info.is_main:
         _check_writable(out)
@@ -330,7 +363,8 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     else:
         model.load_official_checkpoint(official_dir, official_epoch,
                                        load_layer_classifiers=False)
-    report = _eval_split(model, splits, config, device, info, "test")
+    test_set = _test_set(session, splits, config, config.subsample, model.geometry.image_size[0])
+    report = _eval_split(model, test_set, config, session, clip, "test")
     results = {"dataset": config.dataset, "checkpoint": checkpoint or official_dir,
                "clip": clip.record, "test": report}
     if info.is_main:

@@ -17,6 +17,7 @@ from torch import nn
 from dpt_fast.backbone import clip_record, load_clip
 from dpt_fast.data import DatasetSplits, build_dataset, image_folder_dataset
 from dpt_fast.data.datasets import DatasetIndex, read_dataset_index
+from dpt_fast.data.disk_cache import CacheSettings
 from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.distributed import (
     DistInfo,
@@ -24,14 +25,26 @@ from dpt_fast.engine.distributed import (
     close_distributed,
     init_distributed,
 )
+from dpt_fast.engine.test_data import TestSet, prepare_test_set
 
 log = logging.getLogger("dpt_fast")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedClip:
     module: nn.Module  # the frozen open_clip CLIP, in eval mode on the session's device
     record: dict  # clip_record(): backbone, weights and activation, for results and checkpoints
+    _digest: str | None = None
+
+    def cache_key(self) -> dict:
+        """What identifies this CLIP for the frozen-feature cache: its record and a SHA-256
+        of its weights (computed once)."""
+        if self._digest is None:
+            from dpt_fast.data.disk_cache import module_weights_digest
+
+            self._digest = module_weights_digest(self.module)
+        return {"backbone": self.record["backbone"], "pretrained": self.record["pretrained"],
+                "weights_sha256": self._digest}
 
 
 class Session:
@@ -54,6 +67,7 @@ class Session:
         self._clip_key: tuple[str, str] | None = None
         self._clip: LoadedClip | None = None
         self._indexes: dict[tuple[str, str], DatasetIndex] = {}
+        self._test_sets: dict[tuple, TestSet] = {}
 
     def __enter__(self) -> Session:
         return self
@@ -64,6 +78,7 @@ class Session:
     def close(self) -> None:
         self._clip = None
         self._indexes.clear()
+        self._test_sets.clear()
         close_distributed()
 
     def broadcast(self, value):
@@ -98,6 +113,20 @@ class Session:
             self._indexes[key] = read_dataset_index(dataset, root)
         return build_dataset(dataset, root, shots=shots, seed=seed, subsample=subsample,
                              index=self._indexes[key])
+
+
+    def test_set(self, splits: DatasetSplits, subsample: str, image_size: int,
+                 settings: CacheSettings, *, skip_unreadable: bool,
+                 num_workers: int) -> TestSet:
+        """The test split of ``splits`` ready for evaluation (:func:`prepare_test_set`), kept
+        for the session: every run on the dataset evaluates the same images."""
+        key = (splits.name, tuple(d.impath for d in splits.test), subsample, image_size,
+               settings, skip_unreadable)
+        if key not in self._test_sets:
+            self._test_sets[key] = prepare_test_set(
+                splits.test, image_size, settings, skip_unreadable=skip_unreadable,
+                num_workers=num_workers)
+        return self._test_sets[key]
 
 
 def _join_process_group(device_name: str) -> DistInfo:

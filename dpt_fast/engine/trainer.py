@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from dpt_fast import checkpoint as ckpt
 from dpt_fast.base import DPTBase
 from dpt_fast.config_fields import RESUMABLE, config_diff
+from dpt_fast.data.device_batches import DeviceBatches
+from dpt_fast.data.loaders import EpochIndices, EpochSeededSamples, train_loader
 from dpt_fast.engine.config import TrainConfig, config_to_dict, progress_settings
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier
@@ -27,7 +29,6 @@ from dpt_fast.engine.progress import Progress, format_duration
 from dpt_fast.engine.run_folder import LAST_CHECKPOINT, TRAIN_LOG
 from dpt_fast.engine.sampler import GlobalBatchSampler
 from dpt_fast.engine.schedule import build_scheduler
-from dpt_fast.engine.seeding import SeededSamples
 from dpt_fast.engine.tensorboard import RunSummaries
 from dpt_fast.engine.train_log import append_record, read_history, repair_log
 from dpt_fast.errors import TrainingDiverged
@@ -60,9 +61,13 @@ class Trainer:
         # The CLIP the prompts are trained on (backbone, weights, activation), kept in every
         # checkpoint so that the prompts can be used again on the same CLIP.
         self.clip_info = clip_info
-        self.train_set = SeededSamples(train_set, config.seed)
+        # The epoch travels with each index (EpochIndices), so that the loader's worker
+        # processes can persist across epochs and still seed each epoch's augmentations.
+        self.train_set = EpochSeededSamples(train_set, config.seed)
         self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, info.rank,
                                           info.world_size, config.seed)
+        self.batches = EpochIndices(self.sampler)
+        self._train_loader: DataLoader | None = None
         groups = model.parameter_groups()
         text = groups.get("text_prompts", [])
         visual = groups.get("visual_prompts", []) + groups.get("cavpt", [])
@@ -124,13 +129,20 @@ class Trainer:
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # ----------------------------------------------------------------------------- training
-    def _loader(self, epoch: int) -> DataLoader:
-        self.sampler.set_epoch(epoch)
-        self.train_set.epoch = epoch
-        return DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=self.config.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )
+    def _loader(self, epoch: int) -> DeviceBatches:
+        """The epoch's batches on the device (uint8 images normalised there). One DataLoader
+        serves the whole run: its workers, and the images they decoded, persist."""
+        self.batches.set_epoch(epoch)
+        if self._train_loader is None:
+            self._train_loader = train_loader(self.train_set, self.batches,
+                                              self.config.num_workers,
+                                              pin_memory=self.device.type == "cuda")
+        # No side stream: the pinned, non-blocking copy already overlaps with the compute.
+        return DeviceBatches(self._train_loader, self.device, overlap=False)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (the run is over)."""
+        self._train_loader = None
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -159,8 +171,6 @@ class Trainer:
                             describe=describe)
         with progress:
             for step, (images, labels) in enumerate(loader):
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
                 with self._autocast():
                     out = self.forward_model(images)
                     loss = self.model.loss(out, labels, epoch,

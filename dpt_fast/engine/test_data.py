@@ -1,0 +1,137 @@
+"""What an evaluation reads, prepared once: the test crops and the frozen CLIP's features.
+
+The test transform (resize, centre crop) is deterministic, and the frozen CLIP's feature of an
+image never changes for a given backbone and weights, so both are computed once and kept on
+disk (:mod:`dpt_fast.data.crop_cache`, :func:`dpt_fast.data.disk_cache.cached_features`):
+a sweep evaluates each test set 15 times per method. Without caches (``--no-cache``, or a
+cache folder that cannot be written) the images are decoded at each evaluation, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dpt_fast.data import ImageDataset, build_transforms
+from dpt_fast.data.crop_cache import CropDataset, TestCrops, cached_test_crops
+from dpt_fast.data.disk_cache import CacheSettings, cached_features
+from dpt_fast.data.loading import ImageReadError, load_rgb
+from dpt_fast.data.records import Datum
+
+log = logging.getLogger("dpt_fast")
+
+FEATURE_BATCH = 100  # images per frozen-CLIP batch when the features are computed
+
+
+@dataclass
+class TestSet:
+    """The images of a test split as evaluation reads them.
+
+    Attributes:
+        dataset: ``(image, label)`` pairs: uint8 (3, H, W) crops from the cache, or
+            normalised float (3, H, W) images decoded now (no cache).
+        labels: the label of each sample of ``dataset``.
+        skipped: paths of the unreadable images left out (``--skip-unreadable``).
+        crops: the cached crops (None without the cache): their key digest keys the features.
+    """
+
+    dataset: Dataset
+    labels: list[int]
+    skipped: list[str] = field(default_factory=list)
+    crops: TestCrops | None = None
+    _features: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+def prepare_test_set(items: Sequence[Datum], image_size: int, settings: CacheSettings, *,
+                     skip_unreadable: bool, num_workers: int) -> TestSet:
+    """The test split ``items`` ready for evaluation: from the crop cache (built now when it
+    is missing or stale), else decoded at each evaluation.
+
+    Every image is read here, before any training, when the cache is on: an unreadable one
+    stops the run now, naming the file (or, with ``skip_unreadable``, is left out and counted).
+
+    Raises:
+        ImageReadError: an unreadable image (without ``skip_unreadable``).
+    """
+    crops = cached_test_crops(items, image_size, settings, skip_unreadable=skip_unreadable,
+                              num_workers=num_workers)
+    if crops is not None:
+        skipped = [s.path for s in crops.skipped]
+        for path in skipped:
+            log.warning("left out an unreadable test image: %s", path)
+        return TestSet(CropDataset(crops), [int(label) for label in crops.labels], skipped,
+                       crops)
+    kept, skipped = list(items), []
+    if skip_unreadable:
+        kept, skipped = _readable(items)
+    return TestSet(ImageDataset(kept, build_transforms(train=False, image_size=image_size)),
+                   [item.label for item in kept], skipped)
+
+
+def _readable(items: Sequence[Datum]) -> tuple[list[Datum], list[str]]:
+    """Without the cache, ``--skip-unreadable`` still checks every image before training."""
+    kept, skipped = [], []
+    for item in items:
+        try:
+            load_rgb(item.impath)
+        except ImageReadError as err:
+            log.warning("left out an unreadable test image: %s (%s)", item.impath, err)
+            skipped.append(item.impath)
+            continue
+        kept.append(item)
+    return kept, skipped
+
+
+def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.device,
+                    amp_dtype: torch.dtype | None, settings: CacheSettings,
+                    batch_size: int = FEATURE_BATCH) -> torch.Tensor | None:
+    """The frozen CLIP's image features (N, E) of ``test_set`` (in its order), in the dtype the
+    forward pass computes them in; None without the crop cache (nothing to key them by).
+
+    ``clip_key``: what identifies the CLIP (backbone, weights file and a digest of its
+    weights). The key also holds the crops' key, the device type and the autocast dtype: the
+    same image gives bit-identical features only on the same kind of device and precision.
+    """
+    if test_set.crops is None or not settings.enabled:
+        return None
+    dtype_name = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    key = {**clip_key, "crops": test_set.crops.key_digest, "device": device.type,
+           "precision": dtype_name, "image_size": model.geometry.image_size[0]}
+    memo = tuple(sorted((k, str(v)) for k, v in key.items()))
+    if memo not in test_set._features:
+        computed_dtype: list[torch.dtype] = []
+
+        def compute() -> torch.Tensor:
+            values = _compute_features(model, test_set.dataset, device, amp_dtype, batch_size)
+            computed_dtype.append(values.dtype)
+            return values.float()  # bfloat16 values are exact in float32
+
+        array = cached_features(key, len(test_set.labels), compute, settings)
+        test_set._features[memo] = np.asarray(array)
+        log.debug("frozen features of %d test images: %s", len(test_set.labels),
+                  "computed" if computed_dtype else "read from the cache")
+    values = torch.from_numpy(np.array(test_set._features[memo]))
+    # Back to the dtype the unprompted pass gives under this autocast (lossless from float32).
+    return values.to(amp_dtype) if amp_dtype is not None else values
+
+
+@torch.no_grad()
+def _compute_features(model, dataset: Dataset, device: torch.device,
+                      amp_dtype: torch.dtype | None, batch_size: int) -> torch.Tensor:
+    from dpt_fast.data.device_batches import normalize_uint8
+
+    model.eval()
+    parts = []
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            parts.append(model.encode_image_frozen(images).cpu())
+    return torch.cat(parts)
