@@ -32,7 +32,7 @@ from dpt_fast.engine.config import (
 )
 from dpt_fast.engine.progress import PROGRESS_MODES, ProgressSettings
 from dpt_fast.engine.recipe import apply_recipe
-from dpt_fast.errors import RunFolderBusy, TrainingDiverged
+from dpt_fast.errors import ImageReadError, RunFolderBusy, TrainingDiverged
 
 # The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
 EVAL_FIELDS = fields_with(TrainConfig, EVAL)
@@ -241,7 +241,7 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 # Errors that mean "the input is wrong": their message names the culprit and the fix.
 _INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
-                 IsADirectoryError, PermissionError, pickle.UnpicklingError)
+                 IsADirectoryError, PermissionError, pickle.UnpicklingError, ImageReadError)
 
 
 def _flag_names(message: str) -> str:

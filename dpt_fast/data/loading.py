@@ -28,6 +28,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from dpt_fast.data.records import Datum
+from dpt_fast.errors import ImageReadError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,10 +83,6 @@ class ToUint8Tensor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-class ImageReadError(OSError):
-    """An image file could not be opened or decoded; the message names the file."""
 
 
 class ImageDataset(Dataset):

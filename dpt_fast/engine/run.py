@@ -98,8 +98,9 @@ def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session:
     amp = autocast_dtype(config.precision, device)
     frozen = None
     if model.config.spec.class_aware_prompts or model.config.spec.guidance:
+        # In evaluation-sized batches: the same kernels as the uncached pass, the same values.
         frozen = frozen_features(test_set, model, clip.cache_key(), device, amp,
-                                 cache_settings(config))
+                                 cache_settings(config), batch_size=config.eval_batch_size)
     report = evaluate(model, test_set.dataset, test_set.labels, device=device, info=info,
                       batch_size=config.eval_batch_size, num_workers=config.num_workers,
                       amp_dtype=amp, desc=desc, progress=progress_settings(config),
