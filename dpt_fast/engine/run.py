@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import os
 import re
 import tempfile
 from collections import Counter
@@ -117,11 +119,29 @@ def _test_set(session: Session, splits: DatasetSplits, config: TrainConfig, subs
                             num_workers=config.num_workers)
 
 
-def _decoded_bytes(config: TrainConfig) -> int:
-    """The decoded-image memory bound of each training loader process (``--cache-ram-gb``)."""
+def _training_images(splits: DatasetSplits, config: TrainConfig,
+                     image_size: int) -> DecodedImages:
+    """The training split as uint8 crops, each image decoded once.
+
+    Where the loader's workers are forked (Linux's default) or there are none, the images are
+    decoded here, before the workers start: forked workers share the pixels (one copy, every
+    access a hit from the first epoch), and an unreadable training image stops the run now.
+    Elsewhere each worker fills its own cache as it goes. ``--cache-ram-gb`` bounds the pixels
+    kept (per process when each worker keeps its own).
+    """
+    # allow_none: asking must not fix the start method; the first listed is the default.
+    method = multiprocessing.get_start_method(allow_none=True) or \
+        multiprocessing.get_all_start_methods()[0]
+    shared = config.num_workers == 0 or method == "fork"
     if config.cache_ram_gb > 0:
-        return int(config.cache_ram_gb * 2**30)
-    return default_cache_ram_bytes(config.num_workers)
+        max_bytes = int(config.cache_ram_gb * 2**30)
+    else:
+        max_bytes = default_cache_ram_bytes(1 if shared else config.num_workers)
+    images = DecodedImages(splits.train, build_uint8_transforms(True, image_size),
+                           max_bytes=max_bytes)
+    if shared:
+        images.prefill(threads=min(8, os.cpu_count() or 1))
+    return images
 
 
 def _model_config(config: TrainConfig, splits: DatasetSplits,
@@ -243,8 +263,7 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
         new_test = _test_set(session, new, config, "new", image_size) if new else None
         data["test_images_skipped"] = len(test_set.skipped) + (
             len(new_test.skipped) if new_test else 0)
-        train_set = DecodedImages(splits.train, build_uint8_transforms(True, image_size),
-                                  max_bytes=_decoded_bytes(config))
+        train_set = _training_images(splits, config, image_size)
         run_config = dataclasses.replace(config, model=model_config)
         trainer = Trainer(model, run_config, train_set, device, info, output_dir,
                           clip_info=clip.record)
