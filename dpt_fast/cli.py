@@ -31,7 +31,7 @@ from dpt_fast.engine.config import (
     field_help,
 )
 from dpt_fast.engine.progress import PROGRESS_MODES, ProgressSettings
-from dpt_fast.engine.recipe import apply_recipe
+from dpt_fast.engine.recipe import apply_recipe, template_is_fixed
 from dpt_fast.errors import ImageReadError, RunFolderBusy, TrainingDiverged
 
 # The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
@@ -286,7 +286,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from dpt_fast.engine.run import eval_run, train_run
 
     if args.command == "train":
-        results = train_run(config, "template" in explicit, overwrite=args.overwrite)
+        results = train_run(config, template_is_fixed(config, explicit),
+                            overwrite=args.overwrite)
     else:
         results = eval_run(config, checkpoint=args.checkpoint, official_dir=args.official_dir,
                            official_epoch=args.official_epoch, explicit=explicit)

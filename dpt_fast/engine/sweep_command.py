@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from dpt_fast.engine.config import TrainConfig
+from dpt_fast.engine.recipe import template_is_fixed
 from dpt_fast.engine.sweep_plan import (
     PROTOCOLS,
     PlannedRun,
@@ -311,7 +312,7 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     if problems:
         raise ValueError("; ".join(problems))
     output_dir = Path(base.output_dir)
-    template_explicit = "template" in explicit
+    template_explicit = template_is_fixed(base, explicit)
     runs = plan_runs(base, explicit, grid, output_dir)
     problems = check_data(runs, grid, base.root)
     if problems:

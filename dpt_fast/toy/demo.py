@@ -4,8 +4,8 @@
    DTD layout;
 2. zero-shot accuracy of the toy CLIP on the task's test split (hand-crafted prompts);
 3. few-shot CoOp, VPT and DPT with the fast model, each trained and evaluated through the real
-   engine (``dpt_fast.engine.run.train_run`` with ``--backbone toy --pretrained toy``), for
-   each seed, all with the one recipe below;
+   engine (``dpt_fast.engine.run.train_run`` with ``--recipe toy``: the toy CLIP and the toy
+   recipe of ``dpt_fast.engine.recipe``), for each seed, all with that one recipe;
 4. the step time of the fast model against the reference model on the same batch;
 5. prints a table (mean ± std over seeds when several) and writes ``results.json``.
 """
@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
+from dpt_fast.engine.recipe import TOY_MODEL, TOY_RUN, apply_recipe, recipe_model_values
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy import task
-from dpt_fast.toy.model import BACKBONE_NAME, PRETRAINED_TAG, load_toy_backbone
+from dpt_fast.toy.model import PRETRAINED_TAG, load_toy_backbone
 from dpt_fast.toy.options import (
     DEFAULT_EPOCHS,
     DEFAULT_METHODS,
@@ -38,20 +39,16 @@ from dpt_fast.toy.options import (
     add_demo_arguments,
 )
 
-# The toy recipe, the same for every method: SGD (the engine's momentum 0.9, weight decay 5e-4)
-# through the engine's schedule: one constant warm-up epoch at the engine's 1e-5, then a cosine
-# decay over the run. See MODEL_CARD.md for how it was chosen and what it gives.
-BATCH_SIZE = 32  # the authors' batch
-LR = 0.01  # visual prompts and CAVPT
-TEXT_LR = 0.01  # text context
-WARMUP_EPOCHS = 1
-# The toy model's prompts: short for a small model and 24 classes. The text context starts
-# from the hand-crafted template's words (CoOp's ctx_init), so that text prompts start at
-# zero-shot. The deep visual prompts only act through their layer's LayerNorm, so their norm
-# sets their effective learning rate (it falls as 1/norm^2): the authors' 0.02 makes the first
-# steps of this small ViT jump, 0.3 keeps them small.
-MODEL_OVERRIDES = {"text_ctx_init": "a photo of a", "init_std": 0.3, "n_visual_ctx": 4,
-                   "cavpt_top_k": 5, "cavpt_n_ctx": 4, "guidance_epochs": 5}
+# The toy recipe (``--recipe toy``: dpt_fast.engine.recipe, where its values are explained).
+# These names keep the values that benchmarks/toy_robustness.py records with its results.
+BATCH_SIZE = TOY_RUN["batch_size"]
+LR = TOY_RUN["lr"]
+TEXT_LR = TOY_RUN["text_lr"]
+WARMUP_EPOCHS = TOY_RUN["warmup_epochs"]
+MODEL_OVERRIDES = {k: v for k, v in TOY_MODEL.items() if k != "template"}
+# What the demo sets itself; everything else comes from the recipe.
+_DEMO_FIELDS = frozenset({"dataset", "root", "shots", "seed", "recipe", "epochs", "pretrained",
+                          "eval_batch_size", "num_workers", "device", "output_dir", "method"})
 TIMING_STEPS = 5  # training steps timed for the fast / reference ratio (after one warm-up)
 
 
@@ -75,27 +72,22 @@ def zero_shot_accuracy(clip: torch.nn.Module, items, classnames: list[str], temp
 
 
 def model_config(method: str) -> DPTConfig:
-    """The DPTConfig of a method on the toy task."""
-    overrides = dict(MODEL_OVERRIDES)
-    if method != "dpt":
-        overrides = {k: v for k, v in overrides.items() if not k.startswith("cavpt")}
-    return DPTConfig(method=method, template=task.TEMPLATE, **overrides)
+    """The DPTConfig of a method on the toy task: the toy recipe's prompts and template."""
+    return DPTConfig(method=method, **recipe_model_values("toy", method))
 
 
 def train_config(method: str, *, root: Path, output_dir: Path, shots: int, seed: int,
                  epochs: int, device: str, pretrained: str = PRETRAINED_TAG):
-    """The engine's TrainConfig of one few-shot run on the toy task (what ``dpt-fast train
-    --backbone toy --pretrained toy`` with the README's flags builds)."""
+    """The engine's TrainConfig of one few-shot run on the toy task: what ``dpt-fast train
+    --dataset dtd --recipe toy`` builds, with the demo's shots, seed, epochs and weights."""
     from dpt_fast.engine.config import TrainConfig
 
-    return TrainConfig(
-        dataset=task.DATASET_NAME, root=str(root), shots=shots, seed=seed,
-        backbone=BACKBONE_NAME, pretrained=pretrained, epochs=epochs,
-        batch_size=BATCH_SIZE, eval_batch_size=100, lr=LR, text_lr=TEXT_LR,
-        warmup_epochs=WARMUP_EPOCHS, text_warmup_epochs=WARMUP_EPOCHS, num_workers=0,
+    config = TrainConfig(
+        dataset=task.DATASET_NAME, root=str(root), shots=shots, seed=seed, recipe="toy",
+        epochs=epochs, pretrained=pretrained, eval_batch_size=100, num_workers=0,
         device=device, output_dir=str(output_dir / f"{method}_seed{seed}"),
-        model=model_config(method),
-    )
+        model=DPTConfig(method=method))
+    return apply_recipe(config, _DEMO_FIELDS)
 
 
 def run_method(config) -> dict:
