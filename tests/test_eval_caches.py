@@ -123,7 +123,7 @@ def test_cached_frozen_features_give_identical_predictions(tmp_path, monkeypatch
     def no_compute(*args, **kwargs):
         raise AssertionError("the warm cache computed the features again")
 
-    monkeypatch.setattr(test_data, "_compute_features", no_compute)
+    monkeypatch.setattr(test_data, "compute_frozen_features", no_compute)
     warm = prepare_test_set(items, size, settings, skip_unreadable=False, num_workers=0)
     warm_features = frozen_features(warm, model, clip_key, torch.device("cpu"), None, settings)
     assert torch.equal(warm_features, cold_features)

@@ -112,6 +112,38 @@ def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session:
     return report
 
 
+@torch.no_grad()
+def zero_shot_in_session(session: Session, config: TrainConfig, template_explicit: bool,
+                         folder: Path) -> dict:
+    """Zero-shot CLIP on ``config.dataset``'s test split (hand-crafted prompts, the frozen
+    image features: from the feature cache when it is on), written as
+    ``folder/zeroshot_<dataset>.json`` for ``dpt-fast report``; returns the report."""
+    from dpt_fast.engine.metrics import classification_report
+    from dpt_fast.engine.report_table import write_zero_shot_result
+    from dpt_fast.engine.test_data import compute_frozen_features
+
+    splits = session.splits(config.dataset, config.root, -1, config.seed, config.subsample)
+    clip = session.clip(config.backbone, config.pretrained)
+    model_config = _model_config(config, splits, template_explicit)
+    model = DPT(clip.module, splits.classnames, dataclasses.replace(model_config, method="coop"))
+    test_set = _test_set(session, splits, config, config.subsample, model.geometry.image_size[0])
+    amp = autocast_dtype(config.precision, session.device)
+    frozen = frozen_features(test_set, model, clip.cache_key(), session.device, amp,
+                             cache_settings(config), batch_size=config.eval_batch_size)
+    if frozen is None:
+        frozen = compute_frozen_features(model, test_set.dataset, session.device, amp,
+                                         config.eval_batch_size)
+    image = frozen.float().to(session.device)
+    image = image / image.norm(dim=-1, keepdim=True)
+    predictions = (image @ model.handcrafted_text_features.float().t()).argmax(-1).cpu()
+    report = classification_report(predictions, torch.tensor(test_set.labels),
+                                   splits.classnames)
+    if session.info.is_main:
+        write_zero_shot_result(folder, config.dataset, config.backbone, report)
+        log.info("zero-shot CLIP on %s: %.2f%%", config.dataset, report["accuracy"])
+    return report
+
+
 def _test_set(session: Session, splits: DatasetSplits, config: TrainConfig, subsample: str,
               image_size: int) -> TestSet:
     return session.test_set(splits, subsample, image_size, cache_settings(config),

@@ -335,7 +335,7 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
              f" (shard {shard[0]}/{shard[1]} of {len(runs)})" if shard[1] > 1 else "",
              output_dir)
     outcome = run_sweep(mine, template_explicit=template_explicit, fail_fast=args.fail_fast,
-                        device=base.device)
+                        device=base.device, zero_shot_dir=output_dir / "zeroshot")
     print(f"sweep: {len(outcome.done)} run(s) done now, {len(outcome.skipped)} done before, "
           f"{len(outcome.busy)} held by other processes, {len(outcome.failed)} failed")
     if outcome.failed:

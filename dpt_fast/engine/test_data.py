@@ -107,7 +107,8 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
         computed_dtype: list[torch.dtype] = []
 
         def compute() -> torch.Tensor:
-            values = _compute_features(model, test_set.dataset, device, amp_dtype, batch_size)
+            values = compute_frozen_features(model, test_set.dataset, device, amp_dtype,
+                                             batch_size)
             computed_dtype.append(values.dtype)
             return values.float()  # bfloat16 values are exact in float32
 
@@ -121,8 +122,9 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
 
 
 @torch.no_grad()
-def _compute_features(model, dataset: Dataset, device: torch.device,
-                      amp_dtype: torch.dtype | None, batch_size: int) -> torch.Tensor:
+def compute_frozen_features(model, dataset: Dataset, device: torch.device,
+                            amp_dtype: torch.dtype | None, batch_size: int) -> torch.Tensor:
+    """(N, E) ``model.encode_image_frozen`` of every sample of ``dataset``, on the CPU."""
     from dpt_fast.data.device_batches import normalize_uint8
 
     model.eval()
