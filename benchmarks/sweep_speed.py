@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 from json_report import emit
+from loader_speed import machine_info
 
 DPT_FAST = shutil.which("dpt-fast", path=str(Path(sys.executable).parent)) or "dpt-fast"
 
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": f"{runs} runs ({args.method}, toy task, {args.epochs} epochs): one "
                 "`dpt-fast sweep` vs one `dpt-fast train` process per run, cold caches",
         "date": date.today().isoformat(),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rounds": rounds,
         "median_sweep_s": statistics.median(r["sweep"] for r in rounds),
@@ -115,16 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     emit(report, args.out)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def _check_device(name: str) -> None:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "report":
-        from dpt_fast.engine.report_table import report_command
+        from dpt_fast.engine.report_command import report_command
 
         print(report_command(args.runs, args.format, args.out, args.plot))
         return 0

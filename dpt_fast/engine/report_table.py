@@ -44,12 +44,11 @@ from dpt_fast.engine.report import (
     differing_settings,
     missing_key_fields,
     read_run_results,
-    report_runs,
     run_key_values,
     run_settings,
     settings_label,
 )
-from dpt_fast.files import atomic_write_bytes, write_json
+from dpt_fast.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +501,7 @@ def _cell(stat: Stat | None, mark: str = "") -> str:
     return "-" if stat is None else stat.text() + mark
 
 
-def _marks(row: Row) -> list[str]:
+def marks(row: Row) -> list[str]:
     return row.marks or [""] * len(row.cells)
 
 
@@ -518,7 +517,7 @@ def render_markdown(tables: list[Table], notes: list[str]) -> str:
             lines += [f"### {table.title}", "", "| " + " | ".join(header) + " |",
                       "|" + "---|" * len(header)]
             lines += ["| " + " | ".join([row.label, *(
-                _cell(s, m) for s, m in zip(row.cells, _marks(row), strict=True))]) + " |"
+                _cell(s, m) for s, m in zip(row.cells, marks(row), strict=True))]) + " |"
                 for row in table.rows]
             lines += ["", *table.footnotes, ""] if table.footnotes else [""]
     if notes:
@@ -573,7 +572,7 @@ def render_latex(tables: list[Table], notes: list[str]) -> str:
             for row in table.rows:
                 if row.average:
                     lines.append(r"\midrule")
-                cells = [_cell(s, m) for s, m in zip(row.cells, _marks(row), strict=True)]
+                cells = [_cell(s, m) for s, m in zip(row.cells, marks(row), strict=True)]
                 lines.append(" & ".join(map(latex_escape, [row.label, *cells])) + r" \\")
             lines.append(r"\bottomrule")
             lines += [rf"\multicolumn{{{width}}}{{l}}{{\footnotesize {latex_escape(note)}}} \\"
@@ -583,118 +582,10 @@ def render_latex(tables: list[Table], notes: list[str]) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
-_RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex}
+RENDERERS = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex}
 
 
 def report_tables(root: Path, fmt: str = "markdown") -> str:
     """The paper's tables of the runs under ``root`` in ``fmt`` (markdown, csv or latex)."""
     found = collect(root)
-    return _RENDER[fmt](build_tables(found), notes(found))
-
-
-# --- the figure ------------------------------------------------------------------------------
-
-
-def _matplotlib():
-    try:
-        from matplotlib import rcParams
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise MatplotlibMissing("--plot needs matplotlib, which is not installed: "
-                                "pip install matplotlib") from err
-    return Figure, FigureCanvasAgg, rcParams
-
-
-def plot_curves(tables: list[Table], path: Path) -> None:
-    """Accuracy vs shots, as the CoOp paper's figure: a panel per dataset and the Average, a
-    line per few-shot block (std as a band), zero-shot CLIP as a star at 0 shots."""
-    figure_class, canvas_class, rc_params = _matplotlib()
-    few = [t for t in tables if t.section == "few_shot"]
-    zero = [t for t in tables if t.section == "zero_shot"]
-    if not few:
-        raise ValueError(f"--plot: no few-shot runs (classes 'all', shots >= 1) to draw for "
-                         f"{path}")
-    panels = [*sorted({r.label for t in few for r in t.rows if not r.average}), "Average"]
-    shots = [c.shots for c in few[0].columns]
-    # Shots evenly spaced (1, 2, 4, 8, 16 are doublings), zero-shot at the left.
-    x_of = {k: i + (1 if zero else 0) for i, k in enumerate(shots)}
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    figure = figure_class(figsize=(4 * cols, 3.2 * rows + 0.8), layout="constrained")
-    canvas_class(figure)  # the Agg canvas: no pyplot, no switch of the process's backend
-    # A fixed colour per block: a block missing from a panel must not shift the others'.
-    cycle = rc_params["axes.prop_cycle"].by_key().get("color", ["C0"])
-    colour = {t.title: cycle[i % len(cycle)] for i, t in enumerate(few + zero)}
-    for i, panel in enumerate(panels):
-        axes = figure.add_subplot(rows, cols, i + 1)
-        partial_points = False
-        for table in few:
-            row = table.row(panel)
-            if row is None:
-                continue
-            points = [(x_of[c.shots], s) for c, s in zip(table.columns, row.cells, strict=True)
-                      if s is not None]
-            xs, means = [x for x, _ in points], [s.mean for _, s in points]
-            axes.plot(xs, means, marker="o", color=colour[table.title], label=table.title)
-            # Hollow: an average that lacks some datasets (the table's dagger).
-            hollow = [(x_of[c.shots], s.mean) for c, s, m in zip(
-                table.columns, row.cells, _marks(row), strict=True) if s is not None and m]
-            if hollow:
-                partial_points = True
-                axes.plot(*zip(*hollow, strict=True), marker="o", linestyle="none",
-                          markerfacecolor="white", color=colour[table.title])
-            if all(s.std is not None for _, s in points):
-                axes.fill_between(xs, [s.mean - s.std for _, s in points],
-                                  [s.mean + s.std for _, s in points],
-                                  color=colour[table.title], alpha=0.2, linewidth=0)
-        for table in zero:
-            row = table.row(panel)
-            if row is not None and row.cells[0] is not None:
-                axes.plot([0], [row.cells[0].mean], marker="*", markersize=12, linestyle="none",
-                          color=colour[table.title], label=table.title)
-        ticks = ([0] if zero else []) + [x_of[k] for k in shots]
-        axes.set_xticks(ticks, [str(k) for k in ([0] if zero else []) + shots])
-        axes.set_title(f"{panel} (hollow: not every dataset)" if partial_points else panel)
-        axes.set_xlabel("shots per class")
-        axes.grid(alpha=0.3)
-        if i % cols == 0:
-            axes.set_ylabel("accuracy (%)")
-    handles: dict[str, object] = {}
-    for axes in figure.axes:
-        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="outside lower center",
-                  ncols=min(len(handles), 4))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-# --- the command -----------------------------------------------------------------------------
-
-
-def report_command(root: Path, fmt: str = "summary", out: Path | None = None,
-                   plot: Path | None = None) -> str:
-    """``dpt-fast report``: the text to print. ``summary``: the per-experiment table of
-    :func:`~dpt_fast.engine.report.report_runs` (``out``: its JSON); the other formats: the
-    paper's tables; ``plot``: also the accuracy-vs-shots figure."""
-    if fmt not in FORMATS:
-        raise ValueError(f"report: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if plot is not None:
-        _matplotlib()  # fail before the work
-    text = report_runs(root, out) if fmt == "summary" or out is not None else ""
-    if fmt != "summary" or plot is not None:
-        found = collect(root)
-        tables = build_tables(found)
-        if not tables:
-            raise ValueError(
-                f"report: none of the {len(found.runs)} run(s) under {root} fits a table of "
-                "the paper (few-shot: classes 'all' and shots >= 1; base-to-new: classes "
-                "'base'; cross-dataset: eval_*.json beside a run); --format summary lists them")
-        if fmt != "summary":
-            text = _RENDER[fmt](tables, notes(found))
-        if plot is not None:
-            plot_curves(tables, plot)
-            log.info("accuracy-vs-shots figure -> %s", plot)
-    return text
+    return RENDERERS[fmt](build_tables(found), notes(found))
