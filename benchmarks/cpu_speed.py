@@ -34,7 +34,9 @@ BATCH = 8
 EVAL_BATCHES = 4
 
 
-def _build(impl: str, n_classes: int):
+def _build(impl: str, n_classes: int, clip=None):
+    """The fast or reference DPT with the defaults on ``clip`` (default: a ViT-B/16-shaped CLIP
+    with random weights) and ``n_classes`` classes "class 0".."class N-1"."""
     import torch
 
     from dpt_fast import DPT, DPTConfig
@@ -43,7 +45,36 @@ def _build(impl: str, n_classes: int):
 
     torch.manual_seed(0)
     cls = DPT if impl == "fast" else ReferenceDPT
-    return cls(vit_b16_clip(), [f"class {i}" for i in range(n_classes)], DPTConfig())
+    clip = vit_b16_clip() if clip is None else clip
+    return cls(clip, [f"class {i}" for i in range(n_classes)], DPTConfig())
+
+
+def workload(mode: str, model, images, labels, amp_dtype=None):
+    """The timed unit of ``mode`` as a function: "train", one training step (forward, loss,
+    backward); "eval", an evaluation pass over EVAL_BATCHES batches (eval mode, no autograd).
+    ``amp_dtype``: autocast the forward and the loss to it, as the engine's Trainer does."""
+    import torch
+
+    def autocast():
+        return torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16,
+                              enabled=amp_dtype is not None)
+
+    def train_step():
+        model.train()  # an eval pass before (same model) left it in eval mode
+        with autocast():
+            loss = model.loss(model(images), labels, epoch=0)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def eval_pass():
+        # a fresh evaluation: the text cache is cleared as train() -> eval() does
+        model.train()
+        model.eval()
+        with torch.no_grad(), autocast():
+            for _ in range(EVAL_BATCHES):
+                model(images)
+
+    return train_step if mode == "train" else eval_pass
 
 
 def run_case(case: str, repeats: int) -> dict:
@@ -55,21 +86,7 @@ def run_case(case: str, repeats: int) -> dict:
     model = _build(impl, n_classes)
     images = torch.randn(BATCH, 3, 224, 224)
     labels = torch.randint(0, n_classes, (BATCH,))
-
-    def train_step():
-        loss = model.loss(model(images), labels, epoch=0)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def eval_pass():
-        # a fresh evaluation: the text cache is cleared as train() -> eval() does
-        model.train()
-        model.eval()
-        with torch.no_grad():
-            for _ in range(EVAL_BATCHES):
-                model(images)
-
-    work = train_step if mode == "train" else eval_pass
+    work = workload(mode, model, images, labels)
     work()  # warm-up
     times = []
     for _ in range(repeats):

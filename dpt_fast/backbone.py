@@ -312,7 +312,8 @@ def _load_weights_file(clip: nn.Module, path: str) -> None:
     """Load an open_clip checkpoint file (or another layout open_clip converts) into ``clip``
     with open_clip's loader, torch's safe unpickler included; errors name the file."""
     try:
-        result = open_clip.load_checkpoint(clip, path, strict=False)
+        with _quiet_protocol_warning():
+            result = open_clip.load_checkpoint(clip, path, strict=False)
     except (OSError, MemoryError):  # the disk or the machine, not the file's content
         raise
     except Exception as err:
@@ -354,11 +355,12 @@ def _why_not_loadable(path: str, err: Exception) -> str:
     if str(path).endswith(".safetensors"):
         return f"not a valid safetensors file: {_first_sentence(err)}"
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with _quiet_protocol_warning():
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as again:
         found = re.search(r"GLOBAL ([\w.]+)", str(again))
         if found:  # a pickle of some object: never unpickled here, it could run code
-            return f"it pickles a {found.group(1)}, not tensors"
+            return f"it pickles an object of class {found.group(1)}, not only tensors"
         if "Weights only load failed" in str(again):
             return "not a file of tensors written by torch.save"
         return f"not a torch file: {_first_sentence(again)}"
@@ -371,6 +373,15 @@ def _why_not_loadable(path: str, err: Exception) -> str:
     if not isinstance(content, dict) or not content:
         return f"it holds a {type(content).__name__}, not a state_dict of tensors"
     return f"{type(err).__name__}: {_first_sentence(err)}"
+
+
+@contextlib.contextmanager
+def _quiet_protocol_warning():
+    """Hide torch's warning that a pickle's protocol is not torch.save's: the error that
+    follows for such a file says what is wrong in terms of the file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def _first_sentence(err: Exception) -> str:

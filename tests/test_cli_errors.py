@@ -21,10 +21,10 @@ from data_fixtures import make_split_dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dpt_fast import checkpoint as ckpt
 from dpt_fast.data.fewshot import fewshot_path
 from dpt_fast.data.pickling import write_datum_splits
 from dpt_fast.data.records import Datum
-from dpt_fast.engine import checkpoint as ckpt
 
 DPT_FAST = shutil.which("dpt-fast", path=str(Path(sys.executable).parent)) or "dpt-fast"
 CHECKPOINT = "checkpoint-last.safetensors"
@@ -331,3 +331,85 @@ def test_shots_beyond_the_images_available_are_said_and_recorded(clip_files, col
     assert "fewer than 50 training images" in result.stderr
     data = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
     assert data["shots"] == 50 and data["effective_shots_max"] < 50
+
+
+# --- CLIP weights files, devices, the version -------------------------------------------------
+
+def _unloadable_weights(folder: Path, kind: str) -> Path:
+    """A file torch cannot load with its safe (weights-only) unpickler."""
+    import argparse
+
+    path = folder / f"{kind}.pt"
+    if kind == "random-bytes":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "text":
+        path.write_text("these are not weights\n")
+    else:  # a pickle of an arbitrary object, as torch.save writes it
+        torch.save(argparse.Namespace(lr=0.1), path)
+    return path
+
+
+def _assert_names_the_unloadable_file(line: str, result: subprocess.CompletedProcess,
+                                      weights: Path) -> None:
+    assert f"{weights} is not a loadable CLIP weights file" in line, line
+    assert ".safetensors" in line and "OpenAI's CLIP archives" in line  # what is accepted
+    # never torch's advice to switch its safe loader off
+    assert "weights_only" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "text", "pickled-object"])
+def test_unloadable_pretrained_file_is_named_by_train(clip_files, colour_folder, tmp_path,
+                                                      kind):
+    weights = _unloadable_weights(tmp_path, kind)
+    result = cli(*train_args((clip_files[0], str(weights)), colour_folder, tmp_path / "run"))
+    _assert_names_the_unloadable_file(error_line(result, 2), result, weights)
+
+
+def test_unloadable_pretrained_file_is_named_by_eval_and_predict(finished_run, colour_folder,
+                                                                 tmp_path):
+    weights = _unloadable_weights(tmp_path, "pickled-object")
+    checkpoint = str(finished_run / CHECKPOINT)
+    for args in (["eval", "--checkpoint", checkpoint, "--dataset", "folder", "--root",
+                  str(colour_folder), "--output-dir", str(tmp_path / "eval")],
+                 ["predict", "--checkpoint", checkpoint, str(colour_folder / "test")]):
+        result = cli(*args, "--pretrained", str(weights), "--device", "cpu", "--num-workers",
+                     "0")
+        _assert_names_the_unloadable_file(error_line(result, 2), result, weights)
+
+
+def _missing_cuda_device() -> str:
+    """A CUDA device this machine does not have."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("device", ["tpu9", "missing-cuda"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "demo"])
+def test_a_device_this_machine_lacks_is_bad_input_naming_its_devices(tmp_path, command,
+                                                                     device):
+    device = _missing_cuda_device() if device == "missing-cuda" else device
+    out = tmp_path / "out"
+    args = {"train": ["train", "--output-dir", str(out)],
+            "eval": ["eval", "--checkpoint", str(tmp_path / CHECKPOINT), "--output-dir",
+                     str(out)],
+            "predict": ["predict", "--checkpoint", str(tmp_path / CHECKPOINT), str(tmp_path)],
+            "demo": ["demo", "--output-dir", str(out)]}[command]
+    line = error_line(cli(*args, "--device", device), 2)
+    assert f"device {device!r}" in line and "devices: cpu" in line, line
+    assert "internal error" not in line
+    assert not out.exists()  # refused before any work
+
+
+def test_version_is_printed_without_importing_torch():
+    from importlib.metadata import version
+
+    import dpt_fast
+
+    expected = f"dpt-fast {dpt_fast.__version__}"
+    assert version("dpt_fast") == dpt_fast.__version__
+    for command in ([DPT_FAST, "--version"], [sys.executable, "-m", "dpt_fast", "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.strip() == expected, result
+    timed = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpt_fast", "--version"],
+                           capture_output=True, text=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in timed.stderr.splitlines()}
+    assert not {"torch", "open_clip"} & imported

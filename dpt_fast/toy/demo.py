@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
+from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.recipe import TOY_MODEL, TOY_RUN, apply_recipe, recipe_model_values
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy import task
@@ -180,9 +181,11 @@ def run_demo(output_dir: str | Path = DEFAULT_OUTPUT_DIR, device: str = "cpu",
     ``pretrained``: the toy weights (``load_toy_backbone``): the shipped ones by default.
     """
     start = time.perf_counter()
+    # first: "auto" becomes a device, and one this machine lacks is refused before any work
+    torch_device = resolve_device(device)
+    device = str(torch_device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch_device = torch.device(device)
     clip = load_toy_backbone(pretrained, torch_device)
     root = Path(data_dir) if data_dir is not None else output_dir / "data"
     task.write_task(root, per_class={"test": test_per_class})
