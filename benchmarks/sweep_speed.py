@@ -9,7 +9,8 @@ per round.
 
     python benchmarks/sweep_speed.py --rounds 3 --out benchmarks/results/sweep_speed.json
 
-The task is the toy task (written once into a temporary folder), the CLIP the toy CLIP.
+The task is the toy task (written once into a temporary folder), the recipe ``--recipe toy``
+(the toy CLIP, the demo's training recipe).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ DPT_FAST = shutil.which("dpt-fast", path=str(Path(sys.executable).parent)) or "d
 
 
 def run_flags(args: argparse.Namespace, root: Path) -> list[str]:
-    return ["--root", str(root), "--backbone", "toy", "--pretrained", "toy",
-            "--epochs", str(args.epochs), "--num-workers", str(args.num_workers),
-            "--device", args.device, "--template", "a photo of a {}.", "--progress", "none"]
+    return ["--root", str(root), "--recipe", "toy", "--epochs", str(args.epochs),
+            "--num-workers", str(args.num_workers), "--device", args.device,
+            "--progress", "none"]
 
 
 def _timed(command: list[str], env: dict) -> float:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--method", default="dpt")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="also write the JSON report here")

@@ -207,8 +207,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str
     return _resolve(args, loaded)
 
 
-def _resolve(args: argparse.Namespace, loaded: dict | None
+def _resolve(args: argparse.Namespace, loaded: dict | None, *, recipe: bool = True
              ) -> tuple[TrainConfig, frozenset[str]]:
+    """Defaults < YAML < flags, then (with ``recipe``) the recipe's values for the fields the
+    user did not set; a sweep applies the recipe per run instead (its method and dataset)."""
     values = config_to_dict(TrainConfig())
     explicit: dict = {}
     if loaded is not None:
@@ -232,7 +234,9 @@ def _resolve(args: argparse.Namespace, loaded: dict | None
         config = config_from_dict(values)
     except TypeError as err:
         raise ValueError(f"invalid configuration: {err}") from None
-    return apply_recipe(config, frozenset(explicit)), frozenset(explicit)
+    if recipe:
+        config = apply_recipe(config, frozenset(explicit))
+    return config, frozenset(explicit)
 
 
 # Exit statuses: bad input the user can fix (flags, files, data) vs. a failure while running.
@@ -310,7 +314,9 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
                          "datasets, shots, seeds, methods and protocol")
     # The grid's --shots (a list) is not TrainConfig.shots: the runs get theirs from the grid.
     run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in GRID_KEYS})
-    config, explicit = _resolve(run_args, loaded if args.config is not None else None)
+    # The recipe's values depend on each run's dataset and method: plan_runs applies it.
+    config, explicit = _resolve(run_args, loaded if args.config is not None else None,
+                                recipe=False)
     if config.tensorboard:
         from dpt_fast.engine.tensorboard import check_tensorboard_available
 

@@ -85,7 +85,10 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
 
 def test_help_and_argument_errors_do_not_import_torch():
     # `dpt-fast --help` and flag errors answer without the seconds torch + open_clip take.
-    code = ("import sys, dpt_fast.cli as c; p = c.build_parser(); "
+    # As the `dpt-fast` command imports the package (a plain `import dpt_fast` registers the
+    # ops, which needs torch).
+    code = ("import sys; sys.argv = ['dpt-fast']; import dpt_fast.cli as c; "
+            "p = c.build_parser(); "
             "c.resolve_config(p.parse_args(['train'])); "
             "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

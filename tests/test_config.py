@@ -73,7 +73,9 @@ def test_field_roles_are_declared_once_on_the_fields():
     assert fields_with(DPTConfig, PER_DATASET) == {"template"}
     assert fields_with(DPTConfig, REPORT_KEY) == {"method"}
     assert fields_with(TrainConfig, RESUMABLE) == {
-        "root", "num_workers", "eval_batch_size", "eval_every", "device", "output_dir", "resume"}
+        "root", "num_workers", "eval_batch_size", "eval_every", "device", "output_dir", "resume",
+        "progress", "log_every", "tensorboard", "cache", "cache_dir", "cache_ram_gb",
+        "skip_unreadable"}
     assert fields_with(TrainConfig, REPEAT) == {"seed"}
     assert fields_with(TrainConfig, REPORT_KEY) == {"dataset", "shots", "subsample", "backbone"}
     assert {"dataset", "backbone", "pretrained", "device"} <= fields_with(TrainConfig, EVAL)

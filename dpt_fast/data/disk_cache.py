@@ -139,6 +139,12 @@ def _build_lock(path: Path, timeout_s: float) -> Iterator[bool]:
                     yield False
                     return
                 time.sleep(_LOCK_POLL_S)
+            except OSError as exc:  # a file system without flock (Lustre, NFS without lockd)
+                raise CacheIOError(exc) from exc
+        # Only the lock holder writes temporaries of this entry: any left are a killed
+        # build's (a full-size file reserved up front), never anyone's work in progress.
+        for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+            orphan.unlink(missing_ok=True)
         yield True
     finally:
         os.close(fd)  # releases the flock

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -45,7 +46,11 @@ from dpt_fast.engine.run_folder import (
 )
 from dpt_fast.engine.seeding import seed_all
 from dpt_fast.engine.session import LoadedClip, Session
-from dpt_fast.engine.tensorboard import RunSummaries, check_tensorboard_available
+from dpt_fast.engine.tensorboard import (
+    TENSORBOARD_DIR,
+    RunSummaries,
+    check_tensorboard_available,
+)
 from dpt_fast.engine.test_data import TestSet, frozen_features
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
@@ -301,9 +306,14 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
                           clip_info=clip.record)
         if config.resume and trainer.checkpoint_path().is_file():
             trainer.resume()
-        summaries = RunSummaries(output_dir, config.tensorboard and info.is_main,
-                                 purge_step=trainer.start_epoch * trainer.steps_per_epoch()
-                                 if trainer.start_epoch else None)
+        if info.is_main and not config.resume:  # a fresh start: no curves of an old run
+            shutil.rmtree(output_dir / TENSORBOARD_DIR, ignore_errors=True)
+        # Resumed: what a crashed attempt logged after the checkpoint's last step goes (the
+        # checkpoint's own epoch, logged at that step, stays).
+        summaries = RunSummaries(
+            output_dir, config.tensorboard and info.is_main,
+            purge_step=trainer.start_epoch * trainer.steps_per_epoch() + 1
+            if config.resume else None)
         trainer.summaries = summaries
         if info.is_main:
             write_json(output_dir / CONFIG_FILE, {**config_to_dict(run_config),

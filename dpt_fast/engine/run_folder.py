@@ -73,6 +73,25 @@ def check_folder_flags(resume: bool, overwrite: bool) -> None:
                          "removes it: give only one of them")
 
 
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux), so a lock written before a reboot is stale."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: the fields after it follow the last ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
 class FolderLock:
     """An exclusive lock on a run folder: ``<folder>/.dpt-fast.lock`` holding the owner's pid
     and host, created atomically (``O_EXCL``), removed on release.
@@ -87,30 +106,53 @@ class FolderLock:
         self.held = False
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
+              "started": _process_start(os.getpid())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a stale lock is removed once, then taken
+        for _ in range(3):  # a stale lock is moved aside, then taken
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
                 if owner is None and self._young():
                     owner = {"pid": "?", "host": "?"}  # being written by its owner right now
-                if owner is not None and not self._stale(owner, me["host"]):
+                if owner is not None and not self._stale(owner, me):
                     raise RunFolderBusy(
                         f"{self.path.parent} is being written by another dpt-fast process "
                         f"(pid {owner['pid']} on {owner['host']}, lock file {self.path}); wait "
                         "for it to finish, or delete the lock file if that process is gone"
                     ) from None
-                log.warning("taking over the stale lock %s (%s)", self.path,
-                            "unreadable" if owner is None else f"pid {owner['pid']} is gone")
-                self.path.unlink(missing_ok=True)
+                self._take_over_stale(owner)
                 continue
             with os.fdopen(fd, "w") as file:
                 json.dump(me, file)
             self.held = True
             return
         raise RunFolderBusy(f"could not take the lock {self.path}: another process took it")
+
+    def _take_over_stale(self, owner: dict | None) -> None:
+        """Move the stale lock aside by an atomic rename, so that of two processes taking it
+        over at once only one succeeds; the other finds the winner's fresh lock next time."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}.{time.monotonic_ns()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process moved it first
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if owner is not None and moved != owner:
+            # A fresh lock replaced the stale one between reading and renaming: put it back
+            # (link fails if yet another lock exists, which then stands).
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+        else:
+            log.warning("taking over the stale lock %s (%s)", self.path,
+                        "unreadable" if owner is None else f"pid {owner['pid']} is gone")
+        aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
@@ -135,16 +177,22 @@ class FolderLock:
             return False
 
     @staticmethod
-    def _stale(owner: dict, host: str) -> bool:
-        if owner["host"] != host or not isinstance(owner["pid"], int):
+    def _stale(owner: dict, me: dict) -> bool:
+        """Whether the lock's owner is gone: same host, and its pid no longer runs, or runs a
+        process started later (the pid was reused, e.g. a container's restart) or the machine
+        rebooted since. An owner on another host cannot be checked from here: never stale."""
+        if owner["host"] != me["host"] or not isinstance(owner["pid"], int):
             return False
+        if owner.get("boot") and me["boot"] and owner["boot"] != me["boot"]:
+            return True
         try:
             os.kill(owner["pid"], 0)
         except ProcessLookupError:
             return True
         except PermissionError:  # alive, owned by another user
             return False
-        return False
+        started = _process_start(owner["pid"])
+        return bool(owner.get("started") and started and started != owner["started"])
 
     def __enter__(self) -> FolderLock:
         self.acquire()

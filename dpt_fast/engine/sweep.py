@@ -31,7 +31,7 @@ from dpt_fast.engine.sweep_plan import (
     run_differences,
     run_state,
 )
-from dpt_fast.errors import ImageReadError, RunFolderBusy
+from dpt_fast.errors import RunFolderBusy, TrainingDiverged
 from dpt_fast.files import write_json
 
 log = logging.getLogger("dpt_fast")
@@ -98,9 +98,10 @@ def _zero_shot_once(session: Session, run: PlannedRun, template_explicit: bool,
     config = dataclasses.replace(run.config, output_dir=str(folder))
     try:
         zero_shot_in_session(session, config, template_explicit, folder)
-    except (KeyboardInterrupt, ImageReadError):
+    except KeyboardInterrupt:
         raise
-    except Exception as err:  # the table's marker only: the runs go on
+    except Exception as err:  # the table's marker only: the runs go on (and record their own
+        # failure, an unreadable image included)
         log.warning("zero-shot CLIP on %s failed: %s", run.dataset, err)
 
 
@@ -153,7 +154,14 @@ def _do_run(session: Session, run: PlannedRun, template_explicit: bool,
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded; the sweep goes on
+        if info.enabled:
+            # Under torchrun one process may fail where the others do not (its disk, its
+            # memory): they would wait for it in a collective. Stop; a rerun resumes.
+            raise
         message = f"{type(err).__name__}: {err}".splitlines()[0]
+        if isinstance(err, TrainingDiverged):
+            message += (f" (in a sweep: remove {run.folder} or change the settings, then run "
+                        "the sweep again)")
         outcome.failed[run.name] = message
         log.error("run %s failed: %s", run.name, message)
         if info.is_main:

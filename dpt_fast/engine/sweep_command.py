@@ -196,7 +196,9 @@ def emit_slurm(path: Path, argv: list[str], args: argparse.Namespace, n_runs: in
     lines += ["set -euo pipefail",
               f"mkdir -p {shlex.quote(str(output_dir / 'slurm'))}",
               f"srun {launcher} sweep {shlex.join(command)} \\",
-              "    --shard \"${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}\"", ""]
+              # The count is written here, not read from SLURM: resubmitting one task
+              # (sbatch --array=3 job.sh) must keep the same slicing.
+              f"    --shard \"${{SLURM_ARRAY_TASK_ID}}/{shards}\"", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     path.chmod(0o755)
@@ -338,6 +340,8 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
                         device=base.device, zero_shot_dir=output_dir / "zeroshot")
     print(f"sweep: {len(outcome.done)} run(s) done now, {len(outcome.skipped)} done before, "
           f"{len(outcome.busy)} held by other processes, {len(outcome.failed)} failed")
+    for name in outcome.busy:
+        print(f"  held by another process (its folder's lock): {name}")
     if outcome.failed:
         for name, error in outcome.failed.items():
             print(f"  FAILED {name}: {error}", file=sys.stderr)

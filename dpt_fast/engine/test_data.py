@@ -10,6 +10,7 @@ cache folder that cannot be written) the images are decoded at each evaluation, 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,14 +95,20 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
     forward pass computes them in; None without the crop cache (nothing to key them by).
 
     ``clip_key``: what identifies the CLIP (backbone, weights file and a digest of its
-    weights). The key also holds the crops' key, the device type and the autocast dtype: the
-    same image gives bit-identical features only on the same kind of device and precision.
+    weights). The key also holds the crops' key, the device model (CPU instruction set), the
+    autocast dtype, the torch version and the attention backend: what changes the rounding.
+    The features are computed in contiguous batches of ``batch_size``; an evaluation that
+    batches otherwise (another batch size, DDP's rank-strided share) may differ from them by
+    rounding, as two uncached evaluations batched differently do.
     """
     if test_set.crops is None or not settings.enabled:
         return None
     dtype_name = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
-    key = {**clip_key, "crops": test_set.crops.key_digest, "device": device.type,
-           "precision": dtype_name, "image_size": model.geometry.image_size[0]}
+    key = {**clip_key, "crops": test_set.crops.key_digest, "device": _device_kind(device),
+           "precision": dtype_name, "image_size": model.geometry.image_size[0],
+           # what else changes the rounding of the frozen pass
+           "torch": torch.__version__, "model": type(model).__name__,
+           "backend": os.environ.get("DPT_FAST_BACKEND", "auto")}
     memo = tuple(sorted((k, str(v)) for k, v in key.items()))
     if memo not in test_set._features:
         computed_dtype: list[torch.dtype] = []
@@ -118,7 +125,32 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
                   "computed" if computed_dtype else "read from the cache")
     values = torch.from_numpy(np.array(test_set._features[memo]))
     # Back to the dtype the unprompted pass gives under this autocast (lossless from float32).
-    return values.to(amp_dtype) if amp_dtype is not None else values
+    return values.to(_frozen_dtype(model, test_set, device, amp_dtype))
+
+
+def _device_kind(device: torch.device) -> str:
+    """The device type and model: another GPU (or CPU instruction set) rounds differently."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+    return device.type
+
+
+@torch.no_grad()
+def _frozen_dtype(model, test_set: TestSet, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``model.encode_image_frozen`` under this autocast (one image's pass)."""
+    if amp_dtype is None:
+        return torch.float32
+    from dpt_fast.data.device_batches import normalize_uint8
+
+    image, _ = test_set.dataset[0]
+    image = image.unsqueeze(0).to(device)
+    if image.dtype == torch.uint8:
+        image = normalize_uint8(image)
+    with torch.autocast(device.type, dtype=amp_dtype):
+        return model.encode_image_frozen(image).dtype
 
 
 @torch.no_grad()
