@@ -147,6 +147,19 @@ def test_dataloader_gives_uint8_batches_and_pickles_as_a_file_reference(tmp_path
     assert labels.tolist() == [item.label for item in items]
 
 
+def test_a_worker_refuses_a_crop_file_rebuilt_since(tmp_path):
+    """A spawned worker maps the file again by name: if another process rebuilt the entry in
+    between (a new file under the same name), its rows may not be these labels' any more."""
+    items = make_items(tmp_path / "images", 4)
+    crops = cached_test_crops(items, SIZE, settings_for(tmp_path / "cache"))
+    payload = pickle.dumps(CropDataset(crops))
+    replacement = crops.path.with_name("replacement.bin")
+    replacement.write_bytes(crops.path.read_bytes())
+    os.replace(replacement, crops.path)  # what a rebuild does: a new file, the same name
+    with pytest.raises(RuntimeError, match="was replaced"):
+        pickle.loads(payload)
+
+
 def test_hit_does_not_decode_again(tmp_path, decodes):
     items = make_items(tmp_path / "images", 4)
     settings = settings_for(tmp_path / "cache")

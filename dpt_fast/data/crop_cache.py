@@ -225,6 +225,9 @@ class CropDataset(Dataset):
     def __init__(self, crops: TestCrops) -> None:
         self.crops = crops.crops
         self.labels = crops.labels
+        # The file's identity now: a worker that maps the file again by name (spawn,
+        # forkserver) must find this file, not an entry another process rebuilt since.
+        self._file_id = _file_identity(getattr(crops.crops, "filename", None))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -244,6 +247,21 @@ class CropDataset(Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state["crops"], tuple):
             filename, offset, shape, dtype = state["crops"]
+            if _file_identity(filename) != state.get("_file_id"):
+                raise RuntimeError(
+                    f"the test-crop cache file {filename} was replaced (rebuilt by another "
+                    "process) while this evaluation used it; run the evaluation again")
             state["crops"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r",
                                        offset=offset, shape=shape)
         self.__dict__.update(state)
+
+
+def _file_identity(filename: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
+    """(inode, size, mtime ns) of a file, or None: os.replace gives a rebuilt entry a new one."""
+    if filename is None:
+        return None
+    try:
+        stat = os.stat(filename)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns

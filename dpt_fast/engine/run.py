@@ -173,7 +173,10 @@ def _training_images(splits: DatasetSplits, config: TrainConfig,
     if config.cache_ram_gb > 0:
         max_bytes = int(config.cache_ram_gb * 2**30)
     else:
-        max_bytes = default_cache_ram_bytes(1 if shared else config.num_workers)
+        # Every training process of this machine (torchrun's local ranks) keeps its own copy.
+        processes = (1 if shared else max(config.num_workers, 1)) * int(
+            os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        max_bytes = default_cache_ram_bytes(processes)
     images = DecodedImages(splits.train, build_uint8_transforms(True, image_size),
                            max_bytes=max_bytes)
     if shared:
