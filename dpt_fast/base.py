@@ -200,6 +200,13 @@ class DPTBase(nn.Module):
             raise ValueError(f"images must be a float tensor (normalised pixels), "
                              f"got {images.dtype}")
 
+    @property
+    def uses_frozen_image(self) -> bool:
+        """Whether ``forward`` needs the frozen CLIP's feature of each image (CAVPT's class
+        selection, the guidance terms): what ``frozen_features`` can supply."""
+        spec = self.config.spec
+        return spec.class_aware_prompts or spec.guidance
+
     # ----------------------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_image_frozen(self, images: torch.Tensor) -> torch.Tensor:
@@ -238,7 +245,7 @@ class DPTBase(nn.Module):
         handcrafted = self.handcrafted_text_features
 
         frozen = None
-        if spec.class_aware_prompts or spec.guidance:
+        if self.uses_frozen_image:
             if frozen_features is None:
                 frozen_features = self.encode_image_frozen(images)
             elif tuple(frozen_features.shape) != (images.shape[0], handcrafted.shape[1]):

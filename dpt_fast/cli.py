@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
-    report.add_argument("--format", choices=("summary", "markdown", "csv", "latex"),
+    from dpt_fast.engine.report_table import FORMATS
+
+    report.add_argument("--format", choices=FORMATS,
                         default="summary",
                         help="summary: a row per experiment (default); markdown, csv, latex: "
                              "the paper's tables (few-shot, base-to-new, cross-dataset)")

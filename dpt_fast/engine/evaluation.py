@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpt_fast.base import DPTBase
-from dpt_fast.data.device_batches import normalize_uint8
+from dpt_fast.data.device_batches import DeviceBatches
 from dpt_fast.engine.distributed import DistInfo, gather_objects
 from dpt_fast.engine.metrics import classification_report
 from dpt_fast.engine.progress import ProgressSettings, format_duration, track
@@ -39,13 +39,11 @@ def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: tor
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     predictions = []
     start = time.perf_counter()
-    batches = track(loader, len(loader), desc, progress or ProgressSettings(),
-                    enabled=info.is_main)
+    # On the device, uint8 crops normalised there (DeviceBatches); labels are not needed here.
+    batches = track(DeviceBatches(loader, device, overlap=False), len(loader), desc,
+                    progress or ProgressSettings(), enabled=info.is_main)
     done = 0
     for images, _ in batches:
-        images = images.to(device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = normalize_uint8(images)
         features = None
         if frozen is not None:
             batch_indices = indices[done:done + images.shape[0]]

@@ -68,6 +68,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def elapsed_and_eta(elapsed: float, done: int, left: int) -> str:
+    """``1m02s elapsed, ETA 3m06s``: the ETA at the mean pace of the ``done`` units so far for
+    the ``left`` ones (no ETA before the first unit is done)."""
+    text = f"{format_duration(elapsed)} elapsed"
+    if done > 0:
+        text += f", ETA {format_duration(elapsed / done * left)}"
+    return text
+
+
 class Progress:
     """Reports the steps of one loop (an epoch, an evaluation, a sweep) in the chosen mode.
 
@@ -113,9 +122,8 @@ class Progress:
             where += f" {self.unit} ({100 * self.done / self.total:.0f}%)"
         numbers = " ".join(f"{k} {v}" for k, v in (self.describe() if self.describe else {})
                            .items())
-        timing = f"{format_duration(elapsed)} elapsed"
-        if self.total and self.done:
-            timing += f", ETA {format_duration(elapsed / self.done * (self.total - self.done))}"
+        timing = elapsed_and_eta(elapsed, self.done if self.total else 0,
+                                 (self.total or 0) - self.done)
         return " ".join(part for part in (self.desc, where, numbers, "|", timing) if part)
 
     def close(self) -> None:

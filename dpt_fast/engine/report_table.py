@@ -505,12 +505,16 @@ def marks(row: Row) -> list[str]:
     return row.marks or [""] * len(row.cells)
 
 
+def _by_section(tables: list[Table]) -> list[tuple[str, str, list[Table]]]:
+    """(section, heading, its tables) for each section that has tables, in the papers' order."""
+    grouped = [(section, heading, [t for t in tables if t.section == section])
+               for section, heading in SECTIONS.items()]
+    return [group for group in grouped if group[2]]
+
+
 def render_markdown(tables: list[Table], notes: list[str]) -> str:
     lines: list[str] = []
-    for section, heading in SECTIONS.items():
-        chosen = [t for t in tables if t.section == section]
-        if not chosen:
-            continue
+    for section, heading, chosen in _by_section(tables):
         lines += [f"## {heading}", "", _CAPTIONS[section], ""]
         for table in chosen:
             header = [table.row_header, *(c.label for c in table.columns)]
@@ -557,10 +561,7 @@ def latex_escape(text: str) -> str:
 def render_latex(tables: list[Table], notes: list[str]) -> str:
     """A booktabs ``tabular`` per block (needs ``\\usepackage{booktabs}``)."""
     lines: list[str] = []
-    for section, heading in SECTIONS.items():
-        chosen = [t for t in tables if t.section == section]
-        if not chosen:
-            continue
+    for section, heading, chosen in _by_section(tables):
         lines += [f"% {heading}", f"% {_CAPTIONS[section]}"]
         for table in chosen:
             width = len(table.columns) + 1

@@ -104,7 +104,7 @@ def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session:
     device, info = session.device, session.info
     amp = autocast_dtype(config.precision, device)
     frozen = None
-    if model.config.spec.class_aware_prompts or model.config.spec.guidance:
+    if model.uses_frozen_image:
         # In evaluation-sized batches: the same kernels as the uncached pass, the same values.
         frozen = frozen_features(test_set, model, clip.cache_key(), device, amp,
                                  cache_settings(config), batch_size=config.eval_batch_size)

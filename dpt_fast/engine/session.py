@@ -54,9 +54,11 @@ class Session:
 
     Args:
         device_name: "auto", "cpu", "cuda", "cuda:N" (as ``--device``).
+        indexes: dataset indexes read before, by (dataset, root) (a sweep's checks read them).
     """
 
-    def __init__(self, device_name: str) -> None:
+    def __init__(self, device_name: str, *,
+                 indexes: dict[tuple[str, str], DatasetIndex] | None = None) -> None:
         self.device_name = device_name
         self.info: DistInfo = _join_process_group(device_name)
         try:
@@ -66,7 +68,7 @@ class Session:
             raise
         self._clip_key: tuple[str, str] | None = None
         self._clip: LoadedClip | None = None
-        self._indexes: dict[tuple[str, str], DatasetIndex] = {}
+        self._indexes: dict[tuple[str, str], DatasetIndex] = dict(indexes or {})
         self._test_sets: dict[tuple, TestSet] = {}
 
     def __enter__(self) -> Session:
@@ -113,7 +115,6 @@ class Session:
             self._indexes[key] = read_dataset_index(dataset, root)
         return build_dataset(dataset, root, shots=shots, seed=seed, subsample=subsample,
                              index=self._indexes[key])
-
 
     def test_set(self, splits: DatasetSplits, subsample: str, image_size: int,
                  settings: CacheSettings, *, skip_unreadable: bool,

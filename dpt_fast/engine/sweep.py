@@ -20,15 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpt_fast.engine.config import progress_settings
-from dpt_fast.engine.progress import Progress, format_duration
+from dpt_fast.engine.progress import Progress, elapsed_and_eta, format_duration
 from dpt_fast.engine.run import eval_in_session, run_in_session, zero_shot_in_session
-from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE, FolderLock
+from dpt_fast.engine.run_folder import LAST_CHECKPOINT, FolderLock
 from dpt_fast.engine.session import Session
 from dpt_fast.engine.sweep_plan import (
     ERROR_FILE,
     PlannedRun,
-    read_json_dict,
+    evaluations_left,
+    finished_results,
     run_differences,
+    run_started,
     run_state,
 )
 from dpt_fast.errors import RunFolderBusy, TrainingDiverged
@@ -59,20 +61,22 @@ def conflicts(runs: list[PlannedRun], template_explicit: bool) -> list[str]:
 
 
 def run_sweep(runs: list[PlannedRun], *, template_explicit: bool, fail_fast: bool = False,
-              device: str = "auto", zero_shot_dir: Path | None = None) -> SweepOutcome:
+              device: str = "auto", zero_shot_dir: Path | None = None,
+              indexes: dict | None = None) -> SweepOutcome:
     """Do ``runs`` (this process's share of a sweep) one after the other in one session.
 
     A failed run is recorded (its folder's ``error.json``, the outcome) and the sweep goes on,
     unless ``fail_fast``. Ctrl-C stops at once; the interrupted run resumes next time.
     ``zero_shot_dir``: where zero-shot CLIP's accuracy on each dataset of the few-shot runs is
     written (``<dir>/<dataset>/zeroshot_<dataset>.json``, once; the report's 0-shot marker).
+    ``indexes``: dataset indexes already read, by (dataset, root), for the session.
     """
     outcome = SweepOutcome()
     if not runs:
         return outcome
     settings = progress_settings(runs[0].config)
     started = time.perf_counter()
-    with Session(device) as session:
+    with Session(device, indexes=indexes) as session:
         progress = Progress(len(runs), "sweep", settings, enabled=session.info.is_main,
                             unit="runs", describe=lambda: _describe(outcome))
         with progress:
@@ -121,10 +125,9 @@ def _run_line(number: int, total: int, run: PlannedRun, status: str, outcome: Sw
         what += f": FAILED ({outcome.failed[run.name]})"
     else:
         what += f": {status}"
-    elapsed = time.perf_counter() - started
-    trained = max(len(outcome.done), 1)
-    eta = elapsed / trained * (total - number) if outcome.done else 0.0
-    return f"{what} | {format_duration(elapsed)} elapsed, ETA {format_duration(eta)}"
+    # The pace of the runs trained here (runs found done cost nearly nothing).
+    timing = elapsed_and_eta(time.perf_counter() - started, len(outcome.done), total - number)
+    return f"{what} | {timing}"
 
 
 def _do_run(session: Session, run: PlannedRun, template_explicit: bool,
@@ -181,15 +184,12 @@ def _do_run(session: Session, run: PlannedRun, template_explicit: bool,
 def _train_and_evaluate(session: Session, run: PlannedRun, template_explicit: bool) -> dict:
     """The run's training (resumed when its folder holds one) and its target evaluations."""
     config = run.config
-    results_file = run.folder / RESULTS_FILE
-    started = (run.folder / LAST_CHECKPOINT).is_file() or (run.folder / CONFIG_FILE).is_file()
-    results = read_json_dict(results_file) if started else None
-    if results is None or not isinstance(results.get("test"), dict):
+    started = run_started(run.folder)
+    results = finished_results(run.folder) if started else None
+    if results is None:
         config = dataclasses.replace(config, resume=started)
         results = run_in_session(session, config, template_explicit, lock_held=True)
-    for target in run.targets:
-        if run.eval_file(target).is_file():
-            continue
+    for target in evaluations_left(run):
         target_config = dataclasses.replace(config, dataset=target, subsample="all")
         explicit = frozenset({"template"}) if template_explicit else frozenset()
         eval_in_session(session, target_config, checkpoint=str(run.folder / LAST_CHECKPOINT),

@@ -100,54 +100,61 @@ def grid_from(args: argparse.Namespace, yaml_values: dict) -> SweepGrid:
     return SweepGrid(**values)
 
 
-def check_data(runs: list[PlannedRun], grid: SweepGrid, root: str) -> list[str]:
-    """What the data under ``root`` cannot give the runs: missing dataset folders, shot
-    counts no class reaches. Reads each dataset's index once."""
+def read_indexes(grid: SweepGrid, root: str) -> tuple[dict, list[str]]:
+    """The index of every dataset of ``grid`` under ``root``, read once (the checks, the dry
+    run and the sweep's session all use these), and the problems of those that cannot be read.
+    """
     from dpt_fast.data.datasets import read_dataset_index
 
-    problems = []
-    max_shots = {}
-    for dataset in (*grid.train_datasets(), *grid.target_datasets()):
+    indexes, problems = {}, []
+    for dataset in dict.fromkeys((*grid.train_datasets(), *grid.target_datasets())):
         try:
-            index = read_dataset_index(dataset, root)
+            indexes[dataset] = read_dataset_index(dataset, root)
         except (FileNotFoundError, ValueError, KeyError) as err:
             problems.append(str(err.args[0] if isinstance(err, KeyError) else err))
-            continue
-        counts = Counter(item.label for item in index.raw.train)
-        max_shots[dataset] = max(counts.values(), default=0)
+    return indexes, problems
+
+
+def check_data(runs: list[PlannedRun], indexes: dict) -> list[str]:
+    """Shot counts no class of a run's dataset reaches (``indexes``: :func:`read_indexes`)."""
+    largest = {name: max(Counter(item.label for item in index.raw.train).values(), default=0)
+               for name, index in indexes.items()}
+    problems = []
     for run in runs:
-        most = max_shots.get(run.dataset)
+        most = largest.get(run.dataset)
         if most is not None and run.shots > most:
             problems.append(f"{run.dataset} cannot give {run.shots} shots: its largest class "
                             f"has {most} training images")
     return sorted(set(problems), key=problems.index)
 
 
-def _work(run: PlannedRun, root: str) -> tuple[int, int]:
-    """(training image-steps, evaluation images) of one run."""
-    from dpt_fast.data.datasets import read_dataset_index
+def _work(run: PlannedRun, indexes: dict, counts: Counter) -> tuple[int, int]:
+    """(training image-steps, evaluation images) of one run; ``counts``: training images per
+    label of its dataset."""
     from dpt_fast.data.fewshot import select_subsample_labels
 
-    index = read_dataset_index(run.dataset, root)
-    counts = Counter(item.label for item in index.raw.train)
+    index = indexes[run.dataset]
     kept = select_subsample_labels(list(counts), run.config.subsample)
     train = sum(min(run.shots, counts[label]) for label in kept)
     evaluated = len(index.raw.test)  # base2new: base and new halves together
     for target in run.targets:
-        evaluated += len(read_dataset_index(target, root).raw.test)
+        evaluated += len(indexes[target].raw.test)
     return run.config.epochs * train, evaluated
 
 
-def describe_plan(runs: list[PlannedRun], template_explicit: bool, root: str,
+def describe_plan(runs: list[PlannedRun], template_explicit: bool, indexes: dict,
                   seconds: dict[str, tuple[float, float]] | None = None) -> str:
     """The ``--dry-run`` table: each run's state and work, totals, and with ``seconds`` (per
     method: seconds per training image, per evaluation image) the expected wall time."""
     lines = [f"{'run':<44} {'state':<8} {'image-steps':>12} {'eval images':>12}"]
     totals: Counter = Counter()
     expected = 0.0
+    trained = {run.dataset for run in runs}
+    counts = {name: Counter(item.label for item in index.raw.train)
+              for name, index in indexes.items() if name in trained}
     for run in runs:
         state, why = run_state(run, template_explicit)
-        steps, evaluated = _work(run, root)
+        steps, evaluated = _work(run, indexes, counts[run.dataset])
         totals[state] += 1
         if state != "done":
             totals["steps"] += steps
@@ -316,7 +323,8 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     output_dir = Path(base.output_dir)
     template_explicit = template_is_fixed(base, explicit)
     runs = plan_runs(base, explicit, grid, output_dir)
-    problems = check_data(runs, grid, base.root)
+    indexes, problems = read_indexes(grid, base.root)
+    problems += check_data(runs, indexes)
     if problems:
         raise ValueError("; ".join(problems))
     from dpt_fast.engine.sweep import conflicts, run_sweep
@@ -331,13 +339,14 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     mine = shard_runs(runs, *shard)
     if args.dry_run:
         seconds = estimate_seconds(mine, base.device) if args.estimate else None
-        print(describe_plan(mine, template_explicit, base.root, seconds))
+        print(describe_plan(mine, template_explicit, indexes, seconds))
         return 0
     log.info("sweep: %d runs%s in %s", len(mine),
              f" (shard {shard[0]}/{shard[1]} of {len(runs)})" if shard[1] > 1 else "",
              output_dir)
     outcome = run_sweep(mine, template_explicit=template_explicit, fail_fast=args.fail_fast,
-                        device=base.device, zero_shot_dir=output_dir / "zeroshot")
+                        device=base.device, zero_shot_dir=output_dir / "zeroshot",
+                        indexes={(name, base.root): index for name, index in indexes.items()})
     print(f"sweep: {len(outcome.done)} run(s) done now, {len(outcome.skipped)} done before, "
           f"{len(outcome.busy)} held by other processes, {len(outcome.failed)} failed")
     for name in outcome.busy:

@@ -27,6 +27,7 @@ from dpt_fast.config import METHODS
 from dpt_fast.config_fields import RESUMABLE, config_diff
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
+from dpt_fast.engine.report import read_run_results
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
@@ -208,21 +209,36 @@ def run_differences(run: PlannedRun, template_explicit: bool) -> list[str]:
                                                   skip_roles=(RESUMABLE,), skip=skip)]
 
 
+def run_started(folder: Path) -> bool:
+    """Whether a run began in ``folder`` (its config or a checkpoint is there)."""
+    return any((folder / name).exists() for name in (CONFIG_FILE, LAST_CHECKPOINT))
+
+
+def finished_results(folder: Path) -> dict | None:
+    """The results.json of a finished training in ``folder`` (as ``dpt-fast report`` reads
+    them), or None: missing, torn or without a test accuracy."""
+    results = read_run_results(folder / RESULTS_FILE)
+    return results if isinstance(results, dict) else None
+
+
+def evaluations_left(run: PlannedRun) -> list[str]:
+    """The targets whose evaluation file is missing or unreadable."""
+    return [t for t in run.targets if read_json_dict(run.eval_file(t)) is None]
+
+
 def run_state(run: PlannedRun, template_explicit: bool) -> tuple[RunState, str]:
     """The state of ``run``'s folder and a short reason: ``done`` (results and, for transfer
     protocols, every target's evaluation), ``partial`` (started, or trained with evaluations
     left), ``to do``, or ``conflict`` (it holds a run with other settings)."""
     folder = run.folder
-    started = any((folder / name).exists() for name in (CONFIG_FILE, LAST_CHECKPOINT))
-    if not started and not (folder / RESULTS_FILE).exists():
+    if not run_started(folder) and not (folder / RESULTS_FILE).exists():
         return "to do", ""
     differences = run_differences(run, template_explicit)
     if differences:
         return "conflict", "; ".join(differences)
-    results = read_json_dict(folder / RESULTS_FILE)
-    if results is None or not isinstance(results.get("test"), dict):
+    if finished_results(folder) is None:
         return "partial", "training not finished"
-    missing = [t for t in run.targets if read_json_dict(run.eval_file(t)) is None]
+    missing = evaluations_left(run)
     if missing:
         return "partial", f"evaluations left: {', '.join(missing)}"
     return "done", ""

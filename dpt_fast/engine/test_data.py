@@ -157,15 +157,12 @@ def _frozen_dtype(model, test_set: TestSet, device: torch.device,
 def compute_frozen_features(model, dataset: Dataset, device: torch.device,
                             amp_dtype: torch.dtype | None, batch_size: int) -> torch.Tensor:
     """(N, E) ``model.encode_image_frozen`` of every sample of ``dataset``, on the CPU."""
-    from dpt_fast.data.device_batches import normalize_uint8
+    from dpt_fast.data.device_batches import DeviceBatches
 
     model.eval()
     parts = []
     loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = normalize_uint8(images)
+    for images, _ in DeviceBatches(loader, device, overlap=False):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             parts.append(model.encode_image_frozen(images).cpu())
     return torch.cat(parts)

@@ -25,7 +25,7 @@ from dpt_fast.data.loaders import EpochIndices, EpochSeededSamples, train_loader
 from dpt_fast.engine.config import TrainConfig, config_to_dict, progress_settings
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import DistInfo, all_reduce_sum, barrier
-from dpt_fast.engine.progress import Progress, format_duration
+from dpt_fast.engine.progress import Progress, elapsed_and_eta
 from dpt_fast.engine.run_folder import LAST_CHECKPOINT, TRAIN_LOG
 from dpt_fast.engine.sampler import GlobalBatchSampler
 from dpt_fast.engine.schedule import build_scheduler
@@ -230,12 +230,11 @@ class Trainer:
         names = [group.get("name", str(i)) for i, group in
                  enumerate(self.optimizer.param_groups)]
         lrs = " ".join(f"{name} {lr:.3g}" for name, lr in zip(names, record["lr"], strict=True))
-        done = epoch + 1 - self.start_epoch
-        elapsed = time.perf_counter() - fit_start
-        eta = elapsed / done * (self.config.epochs - epoch - 1)
+        timing = elapsed_and_eta(time.perf_counter() - fit_start, epoch + 1 - self.start_epoch,
+                                 self.config.epochs - epoch - 1)
         line = (f"epoch {epoch + 1}/{self.config.epochs} loss {record['loss']:.4f} "
                 f"acc {record['accuracy']:.2f} {record['images_per_s']:.1f} img/s lr {lrs} | "
-                f"{format_duration(elapsed)} elapsed, ETA {format_duration(eta)}")
+                f"{timing}")
         if "test_accuracy" in record:
             line += f" | test acc {record['test_accuracy']:.2f}"
         return line
