@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "old run's files first (without it such a folder is refused)")
     sweep = command("sweep", "many training runs in one command (datasets x shots x seeds x "
                     "methods): resumable, shardable over processes and SLURM array tasks")
-    from dpt_fast.engine.sweep_command import PER_RUN_FIELDS, add_sweep_arguments
+    from dpt_fast.sweeps.command import PER_RUN_FIELDS, add_sweep_arguments
 
     _add_config_flags(sweep, exclude=PER_RUN_FIELDS)
     add_sweep_arguments(sweep)
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
-    from dpt_fast.engine.report_table import FORMATS
+    from dpt_fast.reports.tables import FORMATS
 
     report.add_argument("--format", choices=FORMATS,
                         default="summary",
@@ -273,7 +273,7 @@ def _check_device(name: str) -> None:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "report":
-        from dpt_fast.engine.report_command import report_command
+        from dpt_fast.reports.command import report_command
 
         print(report_command(args.runs, args.format, args.out, args.plot))
         return 0
@@ -306,7 +306,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from dpt_fast.engine.sweep_command import GRID_KEYS, PER_RUN_FIELDS, sweep_main
+    from dpt_fast.sweeps.command import GRID_KEYS, PER_RUN_FIELDS, sweep_main
 
     loaded = _read_yaml(args.config) if getattr(args, "config", None) is not None else {}
     grid_values = {key: loaded.pop(key) for key in GRID_KEYS if key in loaded}
@@ -332,7 +332,7 @@ def _predict(args: argparse.Namespace) -> int:
                                ("--log-every", args.log_every, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
-    from dpt_fast.engine.predictions import (
+    from dpt_fast.prediction.predictions import (
         check_output,
         find_images,
         format_table,
@@ -341,7 +341,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     check_output(args.output)
     paths = find_images(args.images)
-    from dpt_fast.engine.predict import predict_checkpoint
+    from dpt_fast.prediction.predict import predict_checkpoint
 
     predictions = predict_checkpoint(
         args.checkpoint, paths, top_k=args.top_k, batch_size=args.batch_size,

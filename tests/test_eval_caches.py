@@ -15,8 +15,8 @@ from test_cli_errors import DPT_FAST, error_line, train_args
 
 from dpt_fast import DPT, DPTConfig
 from dpt_fast.data.disk_cache import CacheSettings
-from dpt_fast.engine import test_data
-from dpt_fast.engine.test_data import frozen_features, prepare_test_set
+from dpt_fast.engine import eval_split as test_data
+from dpt_fast.engine.eval_split import frozen_features, prepare_test_set
 
 
 def _corrupt_copy(colour_folder: Path, tmp_path: Path) -> tuple[Path, Path]:

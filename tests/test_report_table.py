@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 
 from dpt_fast.cli import main
-from dpt_fast.engine.report_table import (
-    latex_escape,
-    report_tables,
-    write_zero_shot_result,
-)
+from dpt_fast.engine.run_folder import write_zero_shot_result
+from dpt_fast.reports.tables import latex_escape, report_tables
 
 
 def _write_run(root: Path, method: str, dataset: str, shots: int, seed: int, acc: float, *,

@@ -18,7 +18,7 @@ from test_cli_errors import DPT_FAST, error_line
 
 from dpt_fast import checkpoint as ckpt
 from dpt_fast.cli import main
-from dpt_fast.engine.sweep_plan import SweepGrid, parse_shard, run_subpath, shard_runs
+from dpt_fast.sweeps.plan import SweepGrid, parse_shard, run_subpath, shard_runs
 
 DATASETS = ("dtd", "eurosat")
 # Fields of results.json that say when and where a run ran, not what it computed.

@@ -32,6 +32,7 @@ from dpt_fast.data.loading import build_uint8_transforms
 from dpt_fast.engine.config import TrainConfig, cache_settings, config_to_dict, progress_settings
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import barrier
+from dpt_fast.engine.eval_split import TestSet, frozen_features
 from dpt_fast.engine.evaluation import evaluate
 from dpt_fast.engine.metrics import harmonic_mean
 from dpt_fast.engine.official_backbone import official_backbone
@@ -51,7 +52,6 @@ from dpt_fast.engine.tensorboard import (
     RunSummaries,
     check_tensorboard_available,
 )
-from dpt_fast.engine.test_data import TestSet, frozen_features
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
@@ -123,9 +123,9 @@ def zero_shot_in_session(session: Session, config: TrainConfig, template_explici
     """Zero-shot CLIP on ``config.dataset``'s test split (hand-crafted prompts, the frozen
     image features: from the feature cache when it is on), written as
     ``folder/zeroshot_<dataset>.json`` for ``dpt-fast report``; returns the report."""
+    from dpt_fast.engine.eval_split import compute_frozen_features
     from dpt_fast.engine.metrics import classification_report
-    from dpt_fast.engine.report_table import write_zero_shot_result
-    from dpt_fast.engine.test_data import compute_frozen_features
+    from dpt_fast.engine.run_folder import write_zero_shot_result
 
     splits = session.splits(config.dataset, config.root, -1, config.seed, config.subsample)
     clip = session.clip(config.backbone, config.pretrained)

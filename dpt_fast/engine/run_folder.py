@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
 from pathlib import Path
 
 from dpt_fast.errors import RunFolderBusy
-from dpt_fast.files import orphan_temporaries
+from dpt_fast.files import orphan_temporaries, write_json
 
 log = logging.getLogger("dpt_fast")
 
@@ -200,3 +201,35 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def write_zero_shot_result(path: str | os.PathLike[str], dataset: str, backbone: str,
+                           report: dict) -> Path:
+    """Write zero-shot CLIP's result on ``dataset`` where ``dpt-fast report`` finds it.
+
+    Args:
+        path: a folder (the file is ``path/zeroshot_<dataset>.json``), or the file itself,
+            which must be named ``zeroshot_*.json``.
+        dataset: the dataset's registry name (``oxford_pets``), as in results.json files.
+        backbone: the CLIP's name, as ``--backbone`` of the runs it is compared with.
+        report: the evaluation report, e.g. ``classification_report(...)``: ``"accuracy"`` (%)
+            at least; written whole under ``"test"``.
+
+    Returns:
+        The file written (atomically, strict JSON).
+    """
+    if not isinstance(report, dict) or not _finite_number(report.get("accuracy")):
+        raise ValueError(f"zero-shot report of {dataset}: needs a finite 'accuracy'")
+    target = Path(path)
+    if target.suffix != ".json":
+        target = target / f"zeroshot_{dataset}.json"
+    elif not target.name.startswith("zeroshot_"):
+        raise ValueError(f"{target}: name it zeroshot_<dataset>.json, the files that "
+                         "`dpt-fast report` looks for")
+    write_json(target, {"dataset": dataset, "backbone": backbone, "test": report})
+    return target

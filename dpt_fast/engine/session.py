@@ -25,7 +25,7 @@ from dpt_fast.engine.distributed import (
     close_distributed,
     init_distributed,
 )
-from dpt_fast.engine.test_data import TestSet, prepare_test_set
+from dpt_fast.engine.eval_split import TestSet, prepare_test_set
 
 log = logging.getLogger("dpt_fast")
 

@@ -1,5 +1,5 @@
 """The ``dpt-fast sweep`` command: its flags, its checks before any run, ``--dry-run`` /
-``--estimate``, ``--emit-slurm``, and the run itself (:mod:`dpt_fast.engine.sweep`)."""
+``--estimate``, ``--emit-slurm``, and the run itself (:mod:`dpt_fast.sweeps.runner`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dpt_fast.engine.config import TrainConfig
 from dpt_fast.engine.recipe import template_is_fixed
-from dpt_fast.engine.sweep_plan import (
+from dpt_fast.sweeps.plan import (
     PROTOCOLS,
     PlannedRun,
     SweepGrid,
@@ -327,7 +327,7 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     problems += check_data(runs, indexes)
     if problems:
         raise ValueError("; ".join(problems))
-    from dpt_fast.engine.sweep import conflicts, run_sweep
+    from dpt_fast.sweeps.runner import conflicts, run_sweep
 
     clashing = conflicts(runs, template_explicit)
     if clashing:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dpt_fast.engine.report import report_runs
-from dpt_fast.engine.report_table import FORMATS, RENDERERS, build_tables, collect, notes
+from dpt_fast.reports.summary import report_runs
+from dpt_fast.reports.tables import FORMATS, RENDERERS, build_tables, collect, notes
 
 log = logging.getLogger(__name__)
 
@@ -15,12 +15,12 @@ log = logging.getLogger(__name__)
 def report_command(root: Path, fmt: str = "summary", out: Path | None = None,
                    plot: Path | None = None) -> str:
     """``dpt-fast report``: the text to print. ``summary``: the per-experiment table of
-    :func:`~dpt_fast.engine.report.report_runs` (``out``: its JSON); the other formats: the
+    :func:`~dpt_fast.reports.summary.report_runs` (``out``: its JSON); the other formats: the
     paper's tables; ``plot``: also the accuracy-vs-shots figure."""
     if fmt not in FORMATS:
         raise ValueError(f"report: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if plot is not None:
-        from dpt_fast.engine.report_plot import matplotlib_parts
+        from dpt_fast.reports.plot import matplotlib_parts
 
         matplotlib_parts()  # fail before the work
     text = report_runs(root, out) if fmt == "summary" or out is not None else ""
@@ -35,7 +35,7 @@ def report_command(root: Path, fmt: str = "summary", out: Path | None = None,
         if fmt != "summary":
             text = RENDERERS[fmt](tables, notes(found))
         if plot is not None:
-            from dpt_fast.engine.report_plot import plot_curves
+            from dpt_fast.reports.plot import plot_curves
 
             plot_curves(tables, plot)
             log.info("accuracy-vs-shots figure -> %s", plot)

@@ -1,5 +1,5 @@
 """The accuracy-vs-shots figure of ``dpt-fast report --plot`` (the CoOp paper's figure), drawn
-from the tables of :mod:`dpt_fast.engine.report_table` with matplotlib's Agg canvas (no pyplot:
+from the tables of :mod:`dpt_fast.reports.tables` with matplotlib's Agg canvas (no pyplot:
 the process's backend is left alone). matplotlib is optional: without it, one clear error."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import io
 import math
 from pathlib import Path
 
-from dpt_fast.engine.report_table import MatplotlibMissing, Table, marks
 from dpt_fast.files import atomic_write_bytes
+from dpt_fast.reports.tables import MatplotlibMissing, Table, marks
 
 
 def matplotlib_parts():

@@ -24,7 +24,9 @@ from dpt_fast.engine.progress import Progress, elapsed_and_eta, format_duration
 from dpt_fast.engine.run import eval_in_session, run_in_session, zero_shot_in_session
 from dpt_fast.engine.run_folder import LAST_CHECKPOINT, FolderLock
 from dpt_fast.engine.session import Session
-from dpt_fast.engine.sweep_plan import (
+from dpt_fast.errors import RunFolderBusy, TrainingDiverged
+from dpt_fast.files import write_json
+from dpt_fast.sweeps.plan import (
     ERROR_FILE,
     PlannedRun,
     evaluations_left,
@@ -33,8 +35,6 @@ from dpt_fast.engine.sweep_plan import (
     run_started,
     run_state,
 )
-from dpt_fast.errors import RunFolderBusy, TrainingDiverged
-from dpt_fast.files import write_json
 
 log = logging.getLogger("dpt_fast")
 

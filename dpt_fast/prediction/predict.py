@@ -1,7 +1,7 @@
 """``dpt-fast predict``: the top-k classes of image files under trained prompts.
 
 Images are read and transformed as for evaluation, in batches by a DataLoader; an image that
-cannot be read becomes a :class:`~dpt_fast.engine.predictions.Prediction` with its error, never
+cannot be read becomes a :class:`~dpt_fast.prediction.predictions.Prediction` with its error, never
 a silent gap.
 """
 
@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpt_fast.base import DPTBase
 from dpt_fast.data.loading import ImageReadError, build_transforms, load_rgb
-from dpt_fast.engine.predictions import Prediction
 from dpt_fast.engine.progress import ProgressSettings, track
+from dpt_fast.prediction.predictions import Prediction
 
 log = logging.getLogger("dpt_fast")
 

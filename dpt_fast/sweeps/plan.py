@@ -27,8 +27,8 @@ from dpt_fast.config import METHODS
 from dpt_fast.config_fields import RESUMABLE, config_diff
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
-from dpt_fast.engine.report import read_run_results
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
+from dpt_fast.reports.summary import read_run_results
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
 PROTOCOLS: tuple[str, ...] = ("few-shot", "base2new", "cross-dataset", "dg")

@@ -3,7 +3,7 @@
 Everything is read from the JSON files, nothing from folder names:
 
 * ``results.json`` of ``dpt-fast train`` (:func:`dpt_fast.engine.run.train_run`), read and keyed
-  by :mod:`dpt_fast.engine.report` (the ``--format summary`` table);
+  by :mod:`dpt_fast.reports.summary` (the ``--format summary`` table);
 * ``eval_<target>_<subsample>.json`` of ``dpt-fast eval`` (:func:`dpt_fast.engine.run.eval_run`)
   in the folder of a results.json: that run's prompts evaluated on another dataset
   (cross-dataset transfer, domain generalisation);
@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import statistics
 from collections import defaultdict
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dpt_fast.config import METHODS
-from dpt_fast.engine.report import (
+from dpt_fast.reports.summary import (
     differing_settings,
     missing_key_fields,
     read_run_results,
@@ -48,7 +47,6 @@ from dpt_fast.engine.report import (
     run_settings,
     settings_label,
 )
-from dpt_fast.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -196,33 +194,6 @@ def _read_report(path: Path, need: Iterable[str] = ("dataset",)) -> dict | str:
     if lacking:
         return f"no {' or '.join(repr(n) for n in lacking)} in it"
     return data
-
-
-def write_zero_shot_result(path: str | os.PathLike[str], dataset: str, backbone: str,
-                           report: dict) -> Path:
-    """Write zero-shot CLIP's result on ``dataset`` where ``dpt-fast report`` finds it.
-
-    Args:
-        path: a folder (the file is ``path/zeroshot_<dataset>.json``), or the file itself,
-            which must be named ``zeroshot_*.json``.
-        dataset: the dataset's registry name (``oxford_pets``), as in results.json files.
-        backbone: the CLIP's name, as ``--backbone`` of the runs it is compared with.
-        report: the evaluation report, e.g. ``classification_report(...)``: ``"accuracy"`` (%)
-            at least; written whole under ``"test"``.
-
-    Returns:
-        The file written (atomically, strict JSON).
-    """
-    if not isinstance(report, dict) or not _number(report.get("accuracy")):
-        raise ValueError(f"zero-shot report of {dataset}: needs a finite 'accuracy'")
-    target = Path(path)
-    if target.suffix != ".json":
-        target = target / f"zeroshot_{dataset}.json"
-    elif not target.name.startswith("zeroshot_"):
-        raise ValueError(f"{target}: name it zeroshot_<dataset>.json, the files that "
-                         "`dpt-fast report` looks for")
-    write_json(target, {"dataset": dataset, "backbone": backbone, "test": report})
-    return target
 
 
 def _read_transfers(folder: Path, skipped: list[str]) -> dict[str, float]:

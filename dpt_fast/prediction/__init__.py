@@ -1,0 +1,2 @@
+"""`dpt-fast predict`: a checkpoint's predictions on image files (predict) and their output
+formats (predictions)."""
