@@ -23,11 +23,13 @@ import pytest
 import torch
 from data_fixtures import make_split_dataset
 from slurm_cluster import LocalSlurm, missing_programs
+from test_slurm_script import BAD_TIMES, GOOD_TIMES
 from test_sweep import _comparable, _prompts
 
 import dpt_fast
 from dpt_fast.cli import main
 from dpt_fast.sweeps.plan import run_subpath
+from dpt_fast.sweeps.slurm import check_slurm_time
 
 pytestmark = pytest.mark.slurm
 
@@ -59,6 +61,22 @@ def cluster():
         yield started
     finally:
         started.stop()
+
+
+# Not among sbatch's documented formats, but sbatch 22.05 takes them; dpt-fast refuses them.
+SBATCH_LENIENT = frozenset({"1-", "-5"})
+
+
+def test_time_formats_agree_with_sbatch(cluster, tmp_path):
+    """What dpt-fast accepts as --slurm-time, sbatch accepts; what sbatch refuses, so does
+    dpt-fast (tests/test_slurm_script.py: the lists)."""
+    for value in (*GOOD_TIMES, *BAD_TIMES):
+        test_only = cluster.run("sbatch", "--test-only", f"--time={value}", "--wrap", "true",
+                                cwd=tmp_path, check=False)
+        sbatch_takes = test_only.returncode == 0
+        ours = check_slurm_time(value) is None
+        assert sbatch_takes == ours or (value in SBATCH_LENIENT and sbatch_takes), \
+            (value, test_only.stderr)
 
 
 @pytest.fixture
