@@ -166,8 +166,13 @@ class LocalSlurm:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the daemons by their pids (SIGTERM, then SIGKILL), jobs' processes with
-        slurmd's session, and remove the folder."""
+        """Stop the daemons by their pids (SIGTERM, then SIGKILL) and remove the folder. Jobs
+        still queued or running are cancelled first, so that no job's processes outlive the
+        cluster."""
+        try:
+            self._cancel_jobs()
+        except (subprocess.SubprocessError, OSError):
+            pass  # the daemons are stopped below all the same
         for name in ("slurmd", "slurmctld", "munged"):  # the reverse of their start
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
@@ -179,6 +184,16 @@ class LocalSlurm:
                 process.kill()
                 process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _cancel_jobs(self) -> None:
+        if "slurmctld" not in self.processes or self.processes["slurmctld"].poll() is not None:
+            return
+        self.run("scancel", "--full", "--user", str(os.getuid()), check=False)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(POLL_S)
 
     def __enter__(self) -> LocalSlurm:
         return self
