@@ -79,6 +79,13 @@ def test_time_formats_agree_with_sbatch(cluster, tmp_path):
             (value, test_only.stderr)
 
 
+def test_this_cluster_refuses_a_gpu_request(cluster, tmp_path):
+    """Why --slurm-gpus 0 writes no GPU line: a cluster without GPUs refuses any request."""
+    asked = cluster.run("sbatch", "--test-only", "--gpus-per-task=1", "--wrap", "true",
+                        cwd=tmp_path, check=False)
+    assert asked.returncode != 0 and "gres" in asked.stderr.lower(), asked.stderr
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh folder holding a dataset under the relative root ``data``; the test runs in it,
