@@ -89,8 +89,8 @@ def test_this_cluster_refuses_a_gpu_request(cluster, tmp_path):
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh folder holding a dataset under the relative root ``data``; the test runs in it,
-    as a user emitting the script would."""
-    folder = tmp_path / "work"
+    as a user emitting the script would. A space in its path: #SBATCH lines quote it."""
+    folder = tmp_path / "work dir"
     make_split_dataset(folder / "data", "dtd")
     monkeypatch.chdir(folder)
     return folder

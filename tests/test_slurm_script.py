@@ -44,8 +44,8 @@ def test_script_runs_from_any_folder_with_its_python(clip_files, workdir, capsys
     script = (workdir / "jobs" / "job.sh").read_text()
     assert "#SBATCH --array=0-1" in script  # at most one task per run
     assert "--gpus" not in script  # --device cpu: no GPU request
-    assert f"#SBATCH --chdir={workdir}\n" in script  # relative --root means what it meant here
-    assert f"#SBATCH --output={workdir / 'out' / 'slurm'}/%A_%a.log" in script
+    assert f'#SBATCH --chdir="{workdir}"\n' in script  # relative --root means what it meant here
+    assert f'#SBATCH --output="{workdir / "out" / "slurm"}/%A_%a.log"' in script
     assert (workdir / "out" / "slurm").is_dir()  # slurmd opens the log before the script runs
     assert f"PYTHON={sys.executable}\n" in script
     assert f"DPT_FAST_PACKAGE={Path(dpt_fast.__file__).resolve().parent}\n" in script
@@ -106,6 +106,7 @@ def test_slurm_time_formats_refused(value):
     (("--device", "cpu", "--slurm-gpus", "1"), "--slurm-gpus 1 with --device cpu"),
     (("--device", "cuda", "--slurm-gpus", "0"), "--slurm-gpus 0 with --device cuda"),
     (("--emit-slurm", "a_file/job.sh"), "--emit-slurm: cannot make "),
+    (("--output-dir", "100%"), "a '%' in the jobs' log path"),
 ])
 def test_bad_slurm_input_is_one_line_before_anything_is_written(clip_files, workdir, capsys,
                                                                  extra, message):
@@ -116,3 +117,4 @@ def test_bad_slurm_input_is_one_line_before_anything_is_written(clip_files, work
     assert len(err) == 1 and err[0].startswith("dpt-fast: error: ") and message in err[0], err
     assert "a_file" not in message or str(workdir / "a_file") in err[0]  # names the folder
     assert not (workdir / "job.sh").exists() and not (workdir / "out").exists()
+    assert not (workdir / "100%").exists()

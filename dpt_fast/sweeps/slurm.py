@@ -73,6 +73,15 @@ def resolve_gpus(requested: int | None, device: str, device_explicit: bool
     return gpus, problems
 
 
+def sbatch_path(path: str) -> str:
+    """``path`` in double quotes, as sbatch reads a value with spaces in an ``#SBATCH`` line.
+    Raises ValueError for what such a line cannot hold (a double quote, a line break)."""
+    if '"' in path or "\n" in path:
+        raise ValueError(f"{path!r} cannot be written into an #SBATCH line (a double quote or "
+                         "a line break in it); emit the script from a folder without them")
+    return f'"{path}"'
+
+
 def slurm_script(job: SlurmJob, sweep_args: list[str], n_runs: int, output_dir: Path,
                  script: Path, workdir: Path, python: str, package: Path) -> str:
     """The text of the array script. ``sweep_args``: the ``sweep`` options of the command,
@@ -101,8 +110,8 @@ def slurm_script(job: SlurmJob, sweep_args: list[str], n_runs: int, output_dir: 
         lines.append(f"#SBATCH --gpus-per-task={job.gpus}")
     lines += [f"#SBATCH --cpus-per-task={job.cpus}",
               f"#SBATCH --time={job.time}",
-              f"#SBATCH --chdir={workdir}",
-              f"#SBATCH --output={output_dir / LOG_FOLDER}/%A_%a.log"]
+              f"#SBATCH --chdir={sbatch_path(str(workdir))}",
+              f"#SBATCH --output={sbatch_path(f'{output_dir / LOG_FOLDER}/%A_%a.log')}"]
     if job.partition:
         lines.append(f"#SBATCH --partition={job.partition}")
     # The check runs the job's Python as the job will (same folder, same sys.path), without
@@ -144,6 +153,9 @@ def write_slurm_script(path: Path, job: SlurmJob, sweep_args: list[str], n_runs:
     workdir = Path.cwd()
     script = (workdir / path).absolute()
     logs = (workdir / output_dir).absolute() / LOG_FOLDER
+    if "%" in str(logs):  # sbatch would read it as one of its file name patterns (%A, %a)
+        raise ValueError(f"--output-dir {logs.parent}: a '%' in the jobs' log path would be "
+                         "read by SLURM as a pattern; choose a folder without '%'")
     text = slurm_script(job, sweep_args, n_runs, logs.parent, script, workdir, sys.executable,
                         _PACKAGE)
     for folder, what in ((script.parent, "--emit-slurm"), (logs, "the jobs' log folder")):
