@@ -6,7 +6,9 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -84,6 +86,71 @@ const bool allocator_installed = [] {
 }();
 
 // ---------------------------------------------------------------------------------------------
+// Context switches. On x86-64 a hand-written switch of the callee-saved registers and the stack
+// pointer: glibc's swapcontext also saves the signal mask with a system call, which made it
+// several times slower, and a test run switches millions of times. Elsewhere, ucontext.
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.p2align 4
+.type cuda_emu_switch,@function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuda_emu_switch,.-cuda_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A context that starts `entry` (which must never return) on the stack [stack, stack + size).
+void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+  auto* slot = reinterpret_cast<void**>(top);
+  *--slot = nullptr;                         // entry's return address: ends backtraces
+  *--slot = reinterpret_cast<void*>(entry);  // popped by `ret`: entry starts at rsp % 16 == 8,
+                                             // as after a call
+  for (int i = 0; i < 6; ++i) {
+    *--slot = nullptr;  // rbp, rbx, r12-r15
+  }
+  c.sp = slot;
+}
+
+void switch_context(Context& from, Context& to) { cuda_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc{};
+};
+
+void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Scheduler state.
 // ---------------------------------------------------------------------------------------------
 
@@ -94,7 +161,7 @@ enum class Wait { kNone, kBarrier, kShuffleSlot, kShuffleDone, kDone };
 struct Fiber {
   ThreadState state{};
   int linear = 0;
-  ucontext_t context{};
+  Context context;
   Wait wait = Wait::kNone;
   uint64_t ticket = 0;  // the barrier or shuffle generation it waits for
   int line = 0;         // of the barrier or shuffle it waits at
@@ -130,7 +197,6 @@ struct Launch {
   // Block state.
   uint3 block_idx{};
   std::vector<Fiber> fibers;
-  std::vector<std::unique_ptr<unsigned char[]>> stacks;
   std::vector<WarpSlot> warps;
   int barrier_arrived = 0;
   int barrier_line = 0;
@@ -138,10 +204,13 @@ struct Launch {
   std::vector<SharedAllocation> shared;
   std::unique_ptr<unsigned char[]> dynamic;
   std::exception_ptr error;
-  ucontext_t scheduler{};
+  Context scheduler;
 };
 
 thread_local Launch* launch = nullptr;
+// Fiber stacks, kept from launch to launch (allocating and faulting in 256 of them per launch
+// cost more than small kernels' whole run).
+thread_local std::vector<std::unique_ptr<unsigned char[]>> stacks;
 thread_local Fiber* fiber = nullptr;
 
 std::mutex settings_mutex;
@@ -170,7 +239,7 @@ void yield(Wait wait, uint64_t ticket, int line) {
   fiber->ticket = ticket;
   fiber->line = line;
   Fiber* self = fiber;
-  swapcontext(&self->context, &launch->scheduler);
+  switch_context(self->context, launch->scheduler);
   fiber = self;
   current_thread = &self->state;
 }
@@ -193,6 +262,7 @@ bool can_run(const Launch& l, const Fiber& f) {
   return false;
 }
 
+// A fiber's entry: runs the kernel, then hands back to the scheduler for good.
 void fiber_main() {
   try {
     (*launch->body)();
@@ -200,7 +270,9 @@ void fiber_main() {
     launch->error = std::current_exception();
   }
   fiber->wait = Wait::kDone;
-  // uc_link returns to the scheduler.
+  Context finished;
+  switch_context(finished, launch->scheduler);
+  std::abort();  // never resumed
 }
 
 // Why nothing can run: where the unfinished threads wait.
@@ -252,11 +324,7 @@ void run_block(Launch& l, std::mt19937_64& rng) {
     f.state.block_idx = l.block_idx;
     f.state.block_dim = l.block;
     f.state.grid_dim = l.grid;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = l.stacks[i].get();
-    f.context.uc_stack.ss_size = kFiberStack;
-    f.context.uc_link = &l.scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    make_context(f.context, stacks[i].get(), kFiberStack, fiber_main);
   }
   std::vector<int> order;
   int done = 0;
@@ -282,7 +350,7 @@ void run_block(Launch& l, std::mt19937_64& rng) {
       f.wait = Wait::kNone;
       fiber = &f;
       current_thread = &f.state;
-      swapcontext(&l.scheduler, &f.context);
+      switch_context(l.scheduler, f.context);
       fiber = nullptr;
       current_thread = nullptr;
       if (l.error) {
@@ -517,9 +585,8 @@ void run_grid(const std::string& kernel, const void* kernel_id, dim3 grid, dim3 
            std::to_string(dynamic_limit) +
            " the kernel may use (cudaFuncSetAttribute raises it up to the opt-in limit)");
     }
-    l.stacks.resize(threads);
-    for (auto& stack : l.stacks) {
-      stack.reset(new unsigned char[kFiberStack]);
+    while (stacks.size() < threads) {
+      stacks.emplace_back(new unsigned char[kFiberStack]);
     }
     // Blocks run one at a time, in an order the seed permutes (they must not depend on it).
     std::vector<uint3> blocks;
