@@ -8,7 +8,9 @@ CUDA op's host code (grid, block and shared-memory sizes, path choice) on CPU te
 the kernels into the emulator; the general path's cuBLAS products run as ATen CPU products.
 
 ``DPT_FAST_CUDA_EMULATION_SOURCES`` points the build at another copy of ``csrc`` (the mutation
-check's mutants); ``DPT_FAST_CUDA_EMULATION_CACHE`` moves the build cache.
+check's mutants); ``DPT_FAST_CUDA_EMULATION_CACHE`` moves the build cache;
+``DPT_FAST_CUDA_EMULATION_BUILD`` names one build folder to reuse whatever the sources' content
+(ninja then recompiles only the files a change touched: the mutation check's mutants).
 """
 
 from __future__ import annotations
@@ -70,8 +72,12 @@ def load() -> ctypes.CDLL:
 
     csrc = source_dir()
     emulation = csrc / "cuda_emulation"
-    name = f"dpt_fast_cuda_emulation_{_digest(csrc)}"
-    build = _cache_root() / name
+    fixed = os.environ.get("DPT_FAST_CUDA_EMULATION_BUILD")
+    if fixed:  # one folder for many versions of the sources: ninja rebuilds what changed
+        name, build = "dpt_fast_cuda_emulation", Path(fixed)
+    else:
+        name = f"dpt_fast_cuda_emulation_{_digest(csrc)}"
+        build = _cache_root() / name
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=name,
