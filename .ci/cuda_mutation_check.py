@@ -144,8 +144,9 @@ def apply(mutant: Mutant, text: str) -> str:
     return text[:start] + mutant.new + text[start + len(mutant.old):]
 
 
-def run_tests(env: dict[str, str]) -> tuple[bool, str, float]:
-    """(passed, first failing test or the error's last line, seconds)."""
+def run_tests(env: dict[str, str], log_file: Path | None) -> tuple[bool, str, float]:
+    """(passed, first failing test or "BUILD: ..." when the sources did not compile, seconds);
+    pytest's output goes to log_file."""
     start = time.monotonic()
     try:
         result = subprocess.run(
@@ -156,13 +157,17 @@ def run_tests(env: dict[str, str]) -> tuple[bool, str, float]:
         return False, f"timeout after {MUTANT_TIMEOUT_S} s", time.monotonic() - start
     seconds = time.monotonic() - start
     log = result.stdout + result.stderr
+    if log_file is not None:
+        log_file.write_text(log)
+    if "Error building extension" in log:
+        return False, "BUILD: the sources did not compile", seconds
     if result.returncode == 0:
         return True, "", seconds
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", log, re.MULTILINE)
     if failed:
-        reason = re.search(r"^E\s+(.*)$", log, re.MULTILINE)
+        reason = re.search(r"^E\s+(\w*(Error|assert).*)$", log, re.MULTILINE)
         return False, failed[0].removeprefix(TEST + "::") + (
-            f" ({reason.group(1)[:90]})" if reason else ""), seconds
+            f" ({reason.group(1)[:100]})" if reason else ""), seconds
     return False, (log.strip().splitlines() or ["no output"])[-1], seconds
 
 
@@ -170,6 +175,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--only", action="append", default=[], help="run only these mutants")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="folder for each run's pytest output (<mutant>.log)")
     args = parser.parse_args()
     mutants = all_mutants()
     if args.list:
@@ -190,7 +197,9 @@ def main() -> int:
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
         total = time.monotonic()
-        passed, detail, seconds = run_tests(env)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+        passed, detail, seconds = run_tests(env, args.logs and args.logs / "unmodified.log")
         print(f"unmodified sources: {'pass' if passed else 'FAIL ' + detail} ({seconds:.0f} s)",
               flush=True)
         if not passed:
@@ -201,11 +210,12 @@ def main() -> int:
             original = path.read_text()
             path.write_text(apply(mutant, original))
             try:
-                passed, detail, seconds = run_tests(env)
+                passed, detail, seconds = run_tests(
+                    env, args.logs and args.logs / f"{mutant.name}.log")
             finally:
                 path.write_text(original)  # a new mtime: ninja recompiles it for the next one
             verdict = "SURVIVED" if passed else "killed"
-            if "import" in detail.lower() or "build" in detail.lower():
+            if detail.startswith("BUILD"):
                 verdict = "BROKEN"  # did not compile: not a meaningful mutant
             rows.append((mutant, verdict, detail, seconds))
             print(f"{mutant.name:24} {verdict:8} {seconds:5.0f} s  {detail}", flush=True)

@@ -616,6 +616,38 @@ void run_grid(const std::string& kernel, const void* kernel_id, dim3 grid, dim3 
 
 }  // namespace cuda_emu
 
+// Local arrays (registers on the GPU: `acc_t s[KT]`) are checked by g++'s -fsanitize=bounds, whose
+// calls land here instead of in the UBSan runtime: an index past a local array fails the launch
+// like any other out-of-bounds access, naming the kernel and the source line.
+namespace {
+struct UbsanSourceLocation {
+  const char* file;
+  uint32_t line;
+  uint32_t column;
+};
+struct UbsanOutOfBoundsData {
+  UbsanSourceLocation location;
+  // The array and index type descriptors follow; not needed for the message.
+};
+}  // namespace
+
+extern "C" {
+
+[[noreturn]] __attribute__((visibility("default"))) void __ubsan_handle_out_of_bounds(
+    void* data, void* index) {
+  const auto* d = static_cast<const UbsanOutOfBoundsData*>(data);
+  cuda_emu::fail("index " + std::to_string(reinterpret_cast<intptr_t>(index)) +
+                 " out of bounds of a local array at " + d->location.file + ":" +
+                 std::to_string(d->location.line));
+}
+
+[[noreturn]] __attribute__((visibility("default"))) void __ubsan_handle_out_of_bounds_abort(
+    void* data, void* index) {
+  __ubsan_handle_out_of_bounds(data, index);
+}
+
+}  // extern "C"
+
 // C entry points for the Python side (ctypes).
 extern "C" {
 

@@ -55,6 +55,16 @@ __global__ void selftest_race_kernel(CheckedPtr<float> data, int /*n*/) {
   data[threadIdx.x] = tile[(threadIdx.x + 1) % 64];
 }
 
+// Writes one element past a local array (registers on a GPU): -fsanitize=bounds reports it.
+__global__ void selftest_local_oob_kernel(CheckedPtr<float> data, int n) {
+  float r[4] = {};
+  const int rows = n / 16;  // 4, but not a constant the compiler could check at build time
+  for (int i = 0; i <= rows; ++i) {
+    r[i] = data[threadIdx.x];
+  }
+  data[threadIdx.x] = r[0] + r[3];
+}
+
 }  // namespace
 
 // Runs self-test kernel `which` with 64 threads on data (64 floats); returns 0, or 1 with the
@@ -77,6 +87,9 @@ extern "C" __attribute__((visibility("default"))) int cuda_emu_selftest(int whic
         break;
       case 4:
         cuda_emu::launch_kernel<selftest_race_kernel>(1, 64, 0, nullptr, data, 64);
+        break;
+      case 5:
+        cuda_emu::launch_kernel<selftest_local_oob_kernel>(1, 64, 0, nullptr, data, 64);
         break;
       default:
         throw std::runtime_error("no such self-test");
