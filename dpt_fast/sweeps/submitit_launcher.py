@@ -7,7 +7,7 @@ resumes interrupted ones, as for the script.
 
 from __future__ import annotations
 
-import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,12 +37,13 @@ def slurm_minutes(time: str) -> int:
 
 
 def run_shard(sweep_args: list[str], workdir: str, index: int, count: int) -> int:
-    """One array task: ``dpt-fast sweep ARGS --shard INDEX/COUNT`` in ``workdir``. Raises
-    RuntimeError on a non-zero exit status, so that submitit records the task as failed."""
-    from dpt_fast.cli import main
-
-    os.chdir(workdir)
-    status = main(["sweep", *sweep_args, "--shard", f"{index}/{count}"])
+    """One array task: ``dpt-fast sweep ARGS --shard INDEX/COUNT`` in ``workdir``, a process
+    of this Python (the command's own process, exactly as the script's tasks run it; its
+    output goes to the task's log). Raises RuntimeError on a non-zero exit status, so that
+    submitit records the task as failed."""
+    argv = [sys.executable, "-m", "dpt_fast", "sweep", *sweep_args, "--shard",
+            f"{index}/{count}"]
+    status = subprocess.run(argv, cwd=workdir, check=False).returncode
     if status != 0:
         raise RuntimeError(f"dpt-fast sweep --shard {index}/{count} exited with {status}")
     return status
