@@ -196,3 +196,26 @@ def test_cancelled_task_is_resumed_by_resubmission(cluster, clip_files, workdir,
     for key in pa:  # a resumed run repeats the uninterrupted one
         torch.testing.assert_close(pb[key], pa[key], rtol=1e-5, atol=1e-6)
     assert not (run / ".dpt-fast.lock").exists()
+
+
+def test_submitit_launcher_submits_the_same_array(cluster, clip_files, workdir, monkeypatch,
+                                                  capsys):
+    try:
+        import submitit  # noqa: F401 - the submitit extra
+    except ImportError:
+        if REQUIRE_SLURM:
+            raise
+        pytest.skip("submitit is not installed: pip install 'dpt_fast[submitit]'")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))  # submitit calls sbatch from here
+    flags = _flags(clip_files, "submitted", epochs=2, seeds=(1, 2))
+    assert main([*flags, "--launcher", "submitit", "--slurm-shards", "2", "--slurm-cpus", "1",
+                 "--slurm-time", "30"]) == 0
+    job = int(re.search(r"submitted (\d+) through submitit", capsys.readouterr().out).group(1))
+    states = cluster.wait(job, JOB_TIMEOUT_S)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:]
+                     for p in (workdir / "submitted" / "slurm" / "submitit").glob("*.out"))
+    assert set(states) == {"0", "1"} and set(states.values()) == {"COMPLETED"}, (states, logs)
+    assert main([*flags[:-1], "local"]) == 0
+    for seed in (1, 2):
+        assert _comparable(_results(workdir / "submitted", seed)) == _comparable(
+            _results(workdir / "local", seed)), seed

@@ -17,6 +17,7 @@ from data_fixtures import make_split_dataset
 import dpt_fast
 from dpt_fast.cli import main
 from dpt_fast.sweeps.slurm import check_slurm_time
+from dpt_fast.sweeps.submitit_launcher import slurm_minutes
 
 # sbatch --time formats (test_slurm.py checks these against sbatch itself).
 GOOD_TIMES = ("90", "0", "30:00", "12:00:00", "2-00", "2-12:30", "1-00:00:00", "INFINITE")
@@ -118,3 +119,15 @@ def test_bad_slurm_input_is_one_line_before_anything_is_written(clip_files, work
     assert "a_file" not in message or str(workdir / "a_file") in err[0]  # names the folder
     assert not (workdir / "job.sh").exists() and not (workdir / "out").exists()
     assert not (workdir / "100%").exists()
+
+
+@pytest.mark.parametrize(("value", "minutes"), [
+    ("90", 90), ("30:00", 30), ("30:01", 31), ("12:00:00", 720), ("2-00", 2880),
+    ("2-12:30", 3630), ("1-00:00:01", 1441), ("INFINITE", 0)])
+def test_submitit_time_in_minutes(value, minutes):
+    assert slurm_minutes(value) == minutes
+
+
+def test_submitit_launcher_refuses_what_it_cannot_submit(clip_files, workdir, capsys):
+    assert main([*_flags(clip_files), "--launcher", "submitit", "--dry-run"]) == 2
+    assert "--launcher submitit submits the whole array" in capsys.readouterr().err

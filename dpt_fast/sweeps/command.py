@@ -25,6 +25,7 @@ from dpt_fast.sweeps.slurm import (
     DEFAULT_CPUS,
     DEFAULT_SHARDS,
     DEFAULT_TIME,
+    LAUNCHERS,
     PLAN_ONLY_FLAGS,
     SLURM_OPTIONS,
     SlurmJob,
@@ -76,6 +77,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     slurm = parser.add_argument_group("SLURM")
     slurm.add_argument("--emit-slurm", type=Path, metavar="JOB.sh",
                        help="write a SLURM array script (one array task per shard) and stop")
+    slurm.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local: run the sweep here (default); submitit: submit it to SLURM "
+                            "as an array (the --slurm-* options) through the submitit package "
+                            "and stop")
     slurm.add_argument("--slurm-shards", type=int, default=DEFAULT_SHARDS,
                        help=f"array tasks (default: {DEFAULT_SHARDS}, at most the runs)")
     slurm.add_argument("--slurm-gpus", type=int, default=None,
@@ -199,6 +204,17 @@ def emit_slurm(path: Path, argv: list[str], job: SlurmJob, n_runs: int,
     return 0
 
 
+def submit_array(argv: list[str], job: SlurmJob, n_runs: int, output_dir: Path) -> int:
+    """``--launcher submitit``: submit the array (:mod:`dpt_fast.sweeps.submitit_launcher`)."""
+    from dpt_fast.sweeps.submitit_launcher import submit_with_submitit
+
+    ids = submit_with_submitit(job, command_without(argv, SLURM_OPTIONS, PLAN_ONLY_FLAGS),
+                               output_dir)
+    print(f"submitted {ids[0].split('_')[0]} through submitit: {job.shards} array tasks for "
+          f"{n_runs} runs (job ids {', '.join(ids)}); the same command again resumes")
+    return 0
+
+
 def estimate_seconds(runs: list[PlannedRun], device_name: str
                      ) -> dict[str, tuple[float, float]]:
     """Per method: (seconds per training image, seconds per evaluation image), from 20 timed
@@ -288,8 +304,13 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
         problems.append("--slurm-shards and --slurm-cpus must be >= 1")
     gpus, gpu_problems = resolve_gpus(args.slurm_gpus, base.device, "device" in explicit)
     time_problem = check_slurm_time(args.slurm_time)
-    if args.emit_slurm is not None:
+    to_slurm = args.emit_slurm is not None or args.launcher == "submitit"
+    if to_slurm:
         problems += gpu_problems + ([time_problem] if time_problem else [])
+    if args.launcher == "submitit" and (args.emit_slurm is not None or args.dry_run
+                                        or args.shard is not None):
+        problems.append("--launcher submitit submits the whole array: not with --emit-slurm, "
+                        "--dry-run or --shard")
     if problems:
         raise ValueError("; ".join(problems))
     output_dir = Path(base.output_dir)
@@ -306,10 +327,12 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
         raise ValueError(f"{len(clashing)} run folder(s) hold runs with other settings: "
                          f"{', '.join(clashing[:5])}{' ...' if len(clashing) > 5 else ''}; "
                          "choose another --output-dir or the settings they were run with")
-    if args.emit_slurm is not None:
+    if to_slurm:
         job = SlurmJob(shards=max(1, min(args.slurm_shards, len(runs))), gpus=gpus,
                        cpus=args.slurm_cpus, time=args.slurm_time,
                        partition=args.slurm_partition)
+        if args.launcher == "submitit":
+            return submit_array(argv, job, len(runs), output_dir)
         return emit_slurm(args.emit_slurm, argv, job, len(runs), output_dir)
     mine = shard_runs(runs, *shard)
     if args.dry_run:

@@ -29,7 +29,8 @@ _TIME_FORMATS = (r"\d+", r"\d+:\d+", r"\d+:\d+:\d+", r"\d+-\d+", r"\d+-\d+:\d+",
 _NO_LIMIT = ("INFINITE", "UNLIMITED")
 # The `sweep` options the script's command leaves out (with a value / without one).
 SLURM_OPTIONS = frozenset({"--emit-slurm", "--slurm-shards", "--slurm-gpus", "--slurm-cpus",
-                           "--slurm-time", "--slurm-partition", "--shard"})
+                           "--slurm-time", "--slurm-partition", "--shard", "--launcher"})
+LAUNCHERS = ("local", "submitit")  # sweep --launcher: run here, or submit through submitit
 PLAN_ONLY_FLAGS = frozenset({"--dry-run", "--estimate"})
 # The job's own error lines and exit status for a missing Python or dpt_fast (bad input).
 _JOB_PREFIX = "dpt-fast job"
