@@ -1,0 +1,170 @@
+"""CPU step time and peak activation memory of the fast vs the reference CoCoOp on a
+ViT-B/16-shaped CLIP (``dpt_fast.testing.vit_b16_clip``: random weights, fp32, 224 px).
+
+Each case runs in its own subprocess (a fresh allocator and CLIP per measurement):
+
+    python benchmarks/cocoop_speed.py                          # the default table, JSON to stdout
+    python benchmarks/cocoop_speed.py --out results.json       # also write it to a file
+    python benchmarks/cocoop_speed.py --case train:fast:8      # one case, here
+
+Cases ``mode:impl:batch`` with 100 classes ("class 0".."class 99"): ``train`` is one training
+step (forward, cross-entropy, backward; gradients cleared), ``eval`` one evaluation batch in
+eval mode under ``no_grad`` (the image features computed in the pass, as the authors' code
+does), ``eval_cached`` the same with the frozen image features given (what ``dpt-fast`` does
+with its frozen-feature cache). Times are the median over --repeats after one warm-up call.
+
+Peak activation memory (``peak_activation_mib``): one more call under ``torch.profiler`` with
+``profile_memory=True``; every op's own allocations and frees (``self_cpu_memory_usage``) are
+summed in the order the ops started, and the peak of that running sum is the most tensor
+memory the call held beyond what existed before it (the CLIP, the prompts, the inputs): its
+activations, the autograd graph's saved tensors and the gradients. It counts tensors only (not
+the allocator's slack), at op granularity, the same way for both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from json_report import emit
+
+N_CLASSES = 100
+DEFAULT_CASES = [
+    "train:fast:1", "train:reference:1",
+    "train:fast:8", "train:reference:8",
+    "eval:fast:100", "eval_cached:fast:100", "eval:reference:100",
+]
+MIB = 2**20
+
+
+def _build(impl: str, n_classes: int):
+    """The fast or reference CoCoOp with the authors' defaults on a ViT-B/16-shaped CLIP."""
+    import torch
+
+    from dpt_fast import CoCoOp
+    from dpt_fast.reference import CoCoOp as ReferenceCoCoOp
+    from dpt_fast.testing import vit_b16_clip
+
+    torch.manual_seed(0)
+    cls = CoCoOp if impl == "fast" else ReferenceCoCoOp
+    return cls(vit_b16_clip(), [f"class {i}" for i in range(n_classes)])
+
+
+def workload(mode: str, model, images, labels):
+    """The timed unit of ``mode`` as a function (see the module docstring)."""
+    import torch
+
+    def train_step() -> None:
+        model.train()
+        loss = model.loss(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    frozen = model.encode_image_frozen(images) if mode == "eval_cached" else None
+
+    def eval_pass() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(images, frozen_features=frozen)
+
+    return train_step if mode == "train" else eval_pass
+
+
+def peak_activation_bytes(work) -> int:
+    """The peak of the tensor memory ``work()`` allocates beyond what exists before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def run_case(case: str, repeats: int) -> dict:
+    """Measure one case in this process."""
+    import torch
+
+    mode, impl, batch = case.split(":")
+    batch = int(batch)
+    model = _build(impl, N_CLASSES)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224, generator=gen)
+    labels = torch.randint(0, N_CLASSES, (batch,), generator=gen)
+    work = workload(mode, model, images, labels)
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return {
+        "case": case, "mode": mode, "impl": impl, "batch": batch, "n_classes": N_CLASSES,
+        "seconds": statistics.median(times), "all_seconds": times,
+        "peak_activation_mib": peak_activation_bytes(work) / MIB,
+        "text_positions": model.prompt_learner.used_length,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def ratios(results: list[dict]) -> dict:
+    """Reference over fast, per case both ran: speed-up and memory fraction."""
+    by_case = {r["case"]: r for r in results if "seconds" in r}
+    out = {}
+    for case, r in by_case.items():
+        mode, impl, batch = case.split(":")
+        twin = by_case.get(f"{'eval' if mode == 'eval_cached' else mode}:reference:{batch}")
+        if impl == "fast" and twin is not None:
+            out[case] = {
+                "speedup": twin["seconds"] / r["seconds"],
+                "activation_memory_fraction": r["peak_activation_mib"]
+                / twin["peak_activation_mib"],
+            }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help="run one case here (mode:impl:batch) and print JSON")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", help="write the results JSON here too")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.repeats)))
+        return 0
+
+    import torch
+
+    results = []
+    for case in args.cases:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(), "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "model": "CoCoOp (authors' defaults) on a ViT-B/16-shaped open_clip CLIP, random "
+                 f"weights, fp32, {N_CLASSES} classes",
+        "results": results, "fast_vs_reference": ratios(results),
+    }
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
