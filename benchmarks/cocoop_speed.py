@@ -7,11 +7,21 @@ Each case runs in its own subprocess (a fresh allocator and CLIP per measurement
     python benchmarks/cocoop_speed.py --out results.json       # also write it to a file
     python benchmarks/cocoop_speed.py --case train:fast:8      # one case, here
 
-Cases ``mode:impl:batch`` with 100 classes ("class 0".."class 99"): ``train`` is one training
-step (forward, cross-entropy, backward; gradients cleared), ``eval`` one evaluation batch in
-eval mode under ``no_grad`` (the image features computed in the pass, as the authors' code
+Cases ``mode:impl:batch[:warmup[:repeats]]``, 100 classes ("class 0".."class 99"): ``train`` is
+one training step (forward, cross-entropy, backward; gradients cleared), ``eval`` one evaluation
+batch in eval mode under ``no_grad`` (the image features computed in the pass, as the authors' code
 does), ``eval_cached`` the same with the frozen image features given (what ``dpt-fast`` does
-with its frozen-feature cache). Times are the median over --repeats after one warm-up call.
+with its frozen-feature cache). Times are the median over --repeats after ``warmup`` calls
+(default 1; the default table runs the reference's minute-long calls once, without one). Both the
+wall time (``seconds``) and the process's CPU time (``cpu_seconds``, ``time.process_time``) are
+recorded: on one thread the CPU time is the work itself, while the wall time also counts the
+time other processes of a shared machine hold the core, so ratios are taken of CPU times.
+
+Not in the default table, for this machine's sake (23 GiB, 2 cores): the reference's batch-8
+training step (its per-image loop keeps all 8 images' text graphs until backward, 8 times the
+batch-1 step's activations, ~21 GiB) and its 100-image evaluation (~100 times the per-image
+work of the 10-image case, over half an hour of CPU). Both are linear in the images by
+construction (one image at a time), which ``ratios`` uses, per image, and says so.
 
 Peak activation memory (``peak_activation_mib``): one more call under ``torch.profiler`` with
 ``profile_memory=True``; every op's own allocations and frees (``self_cpu_memory_usage``) are
@@ -35,9 +45,10 @@ from json_report import emit
 
 N_CLASSES = 100
 DEFAULT_CASES = [
-    "train:fast:1", "train:reference:1",
-    "train:fast:8", "train:reference:8",
-    "eval:fast:100", "eval_cached:fast:100", "eval:reference:100",
+    "train:fast:1", "train:reference:1:0:1",
+    "train:fast:8",
+    "eval:fast:10", "eval:reference:10:0:1",
+    "eval:fast:100", "eval_cached:fast:100",
 ]
 MIB = 2**20
 
@@ -92,41 +103,58 @@ def run_case(case: str, repeats: int) -> dict:
     """Measure one case in this process."""
     import torch
 
-    mode, impl, batch = case.split(":")
-    batch = int(batch)
+    mode, impl, batch, *rest = case.split(":")
+    batch, warmup = int(batch), int(rest[0]) if rest else 1
+    repeats = int(rest[1]) if len(rest) > 1 else repeats
     model = _build(impl, N_CLASSES)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, 224, 224, generator=gen)
     labels = torch.randint(0, N_CLASSES, (batch,), generator=gen)
     work = workload(mode, model, images, labels)
-    work()  # warm-up
-    times = []
+    for _ in range(warmup):
+        work()
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         work()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "case": case, "mode": mode, "impl": impl, "batch": batch, "n_classes": N_CLASSES,
         "seconds": statistics.median(times), "all_seconds": times,
-        "peak_activation_mib": peak_activation_bytes(work) / MIB,
+        "cpu_seconds": statistics.median(cpu_times), "all_cpu_seconds": cpu_times,
+        # the memory target is a training step's; evaluation runs without a graph
+        "peak_activation_mib": peak_activation_bytes(work) / MIB if mode == "train" else None,
         "text_positions": model.prompt_learner.used_length,
         "threads": torch.get_num_threads(),
     }
 
 
 def ratios(results: list[dict]) -> dict:
-    """Reference over fast, per case both ran: speed-up and memory fraction."""
-    by_case = {r["case"]: r for r in results if "seconds" in r}
+    """Reference over fast for every fast case: CPU-time speed-up and activation-memory
+    fraction against the reference case of the same mode (``eval`` for ``eval_cached``) at the
+    same batch, else at another batch per image (the reference's work, time and activations
+    are linear in the images: it runs them one at a time), marked ``per_image_from``."""
+    done = [r for r in results if "seconds" in r]
     out = {}
-    for case, r in by_case.items():
-        mode, impl, batch = case.split(":")
-        twin = by_case.get(f"{'eval' if mode == 'eval_cached' else mode}:reference:{batch}")
-        if impl == "fast" and twin is not None:
-            out[case] = {
-                "speedup": twin["seconds"] / r["seconds"],
-                "activation_memory_fraction": r["peak_activation_mib"]
-                / twin["peak_activation_mib"],
-            }
+    for r in done:
+        if r["impl"] != "fast":
+            continue
+        mode = "eval" if r["mode"] == "eval_cached" else r["mode"]
+        twins = [t for t in done if t["impl"] == "reference" and t["mode"] == mode]
+        if not twins:
+            continue
+        same = [t for t in twins if t["batch"] == r["batch"]]
+        twin = same[0] if same else twins[0]
+        images = r["batch"] / twin["batch"]  # the reference's cost scaled to this batch
+        entry = {"speedup": twin["cpu_seconds"] * images / r["cpu_seconds"],
+                 "wall_speedup": twin["seconds"] * images / r["seconds"]}
+        if r["peak_activation_mib"] is not None and twin["peak_activation_mib"] is not None:
+            entry["activation_memory_fraction"] = (r["peak_activation_mib"]
+                                                   / (twin["peak_activation_mib"] * images))
+        if not same:
+            entry["per_image_from"] = twin["case"]
+        out[r["case"]] = entry
     return out
 
 
@@ -134,7 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", help="run one case here (mode:impl:batch) and print JSON")
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args()
     if args.case:
