@@ -41,8 +41,6 @@ import subprocess
 import sys
 import time
 
-from json_report import emit
-
 N_CLASSES = 100
 DEFAULT_CASES = [
     "train:fast:1", "train:reference:1:0:1",
@@ -158,6 +156,18 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (as ``lscpu`` reads it), or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", help="run one case here (mode:impl:batch) and print JSON")
@@ -170,6 +180,7 @@ def main() -> int:
         return 0
 
     import torch
+    from json_report import emit  # beside this script (run by path)
 
     results = []
     for case in args.cases:
@@ -184,6 +195,7 @@ def main() -> int:
         print(json.dumps(results[-1]), file=sys.stderr)
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpus": torch.get_num_threads(), "torch": torch.__version__,
         "python": sys.version.split()[0],
         "model": "CoCoOp (authors' defaults) on a ViT-B/16-shaped open_clip CLIP, random "
