@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dpt_fast.config import METHODS
+from dpt_fast.methods import METHOD_NAMES
 from dpt_fast.reports.summary import (
     differing_settings,
     missing_key_fields,
@@ -293,7 +293,7 @@ def collect(root: Path) -> Found:
 
 
 def _method_order(method: str) -> tuple:
-    order = list(METHODS)
+    order = list(METHOD_NAMES)  # the registry's order: the paper's
     return (order.index(method) if method in order else len(order), method)
 
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dpt_fast.config import METHODS
 from dpt_fast.config_fields import RESUMABLE, config_diff
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
+from dpt_fast.methods import METHOD_NAMES
 from dpt_fast.reports.summary import read_run_results
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
@@ -56,7 +56,7 @@ class SweepGrid:
     datasets: tuple[str, ...] = COOP_DATASETS  # trained on (few-shot, base2new)
     shots: tuple[int, ...] | None = None  # None: the protocol's (DEFAULT_SHOTS)
     seeds: tuple[int, ...] = DEFAULT_SEEDS  # one run per seed
-    methods: tuple[str, ...] = DEFAULT_METHODS  # method presets (DPTConfig.method)
+    methods: tuple[str, ...] = DEFAULT_METHODS  # registered methods (dpt_fast.methods)
     source: str = DEFAULT_SOURCE  # cross-dataset / dg: the dataset trained on
     targets: tuple[str, ...] | None = None  # cross-dataset / dg: None: the protocol's
 
@@ -152,10 +152,10 @@ def check_grid(grid: SweepGrid) -> list[str]:
     if test_only:
         problems.append(f"test-only dataset(s) {', '.join(test_only)} cannot be trained on "
                         "(use them as --targets of --protocol dg)")
-    bad_methods = [m for m in grid.methods if m not in METHODS]
+    bad_methods = [m for m in grid.methods if m not in METHOD_NAMES]
     if bad_methods:
         problems.append(f"unknown method(s) {', '.join(bad_methods)} (valid: "
-                        f"{', '.join(METHODS)})")
+                        f"{', '.join(METHOD_NAMES)})")
     bad_shots = [k for k in grid.shot_counts() if k < 1]
     if bad_shots:
         problems.append(f"shots must be >= 1, got {', '.join(map(str, bad_shots))}")
