@@ -240,8 +240,22 @@ def _resolve(args: argparse.Namespace, loaded: dict | None, *, recipe: bool = Tr
     except TypeError as err:
         raise ValueError(f"invalid configuration: {err}") from None
     if recipe:
+        check_method_options(config.model.method, frozenset(explicit))
         config = apply_recipe(config, frozenset(explicit))
     return config, frozenset(explicit)
+
+
+def check_method_options(method: str, explicit: frozenset[str]) -> None:
+    """Refuse the options ``method`` does not read (docs/methods.md), in one line."""
+    from dpt_fast.methods import get_method
+    from dpt_fast.methods.base import option_flags
+
+    model_names = {f.name for f in dataclasses.fields(DPTConfig)}
+    unread = get_method(method).refused_options(explicit, model_names)
+    if unread:
+        raise ValueError(f"--method {method} does not read {option_flags(unread)}: drop "
+                         f"{'it' if len(unread) == 1 else 'them'} (docs/methods.md lists what "
+                         "each method reads)")
 
 
 # Exit statuses: bad input the user can fix (flags, files, data) vs. a failure while running.

@@ -156,6 +156,8 @@ def apply_recipe(config, explicit: frozenset[str]):
                      if name not in explicit}
     if model_changes:
         changes["model"] = dataclasses.replace(config.model, **model_changes)
+    if not get_method(config.model.method).uses_shots:
+        changes["shots"] = 0  # it reads no training image (zero-shot CLIP)
     return dataclasses.replace(config, **changes)
 
 
