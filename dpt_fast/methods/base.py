@@ -22,6 +22,9 @@ TRAININGS: tuple[str, ...] = ("sgd", "fit", "none")
 SGD_FIELDS: frozenset[str] = frozenset({
     "epochs", "batch_size", "lr", "text_lr", "momentum", "weight_decay", "warmup_epochs",
     "text_warmup_epochs", "warmup_lr", "eval_every", "resume", "tensorboard", "cache_ram_gb"})
+# TrainConfig fields that set a parameter group's learning rate or warm-up (ParamGroup): an SGD
+# method reads those of its own groups only.
+GROUP_FIELDS: frozenset[str] = frozenset({"lr", "text_lr", "warmup_epochs", "text_warmup_epochs"})
 # TrainConfig fields of the few-shot draw: a method that uses no training image refuses them.
 SHOT_FIELDS: frozenset[str] = frozenset({"shots"})
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -82,10 +85,16 @@ class Method:
         return getattr(importlib.import_module(module_name), attribute)(clip, classnames, config)
 
     def unused_run_fields(self) -> frozenset[str]:
-        """The run (TrainConfig) fields this method never reads."""
+        """The run (TrainConfig) fields this method never reads: the SGD loop's (a method
+        without it), the lr and warm-up fields of groups it lacks, ``shots`` (no training
+        image)."""
         unused: set[str] = set()
         if self.training != "sgd":
             unused |= SGD_FIELDS
+        else:  # the learning rates and warm-ups of groups it does not have (CoOp: --lr)
+            used = {name for group in self.param_groups
+                    for name in (group.lr_field, group.warmup_field)}
+            unused |= GROUP_FIELDS - used
         if not self.uses_shots:
             unused |= SHOT_FIELDS
         return frozenset(unused)
