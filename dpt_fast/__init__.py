@@ -44,7 +44,7 @@ def _launched_as_command() -> bool:
     if script in ("dpt-fast", "dpt-fast.exe"):
         return True
     argv = getattr(sys, "orig_argv", [])
-    return any(a == "-m" and b in ("dpt_fast", "dpt_fast.cli")
+    return any(a == "-m" and b in ("dpt_fast", "dpt_fast.cli", "dpt_fast.linear_probe")
                for a, b in itertools.pairwise(argv))
 
 
