@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from dpt_fast.loss import _upcast, check_labels
 from dpt_fast.output import DPTOutput
 from dpt_fast.state_dict_meta import (
     META_CLASSNAMES,
+    META_CONFIG,
     decode_json_tensor,
     load_post_hook,
     load_pre_hook,
@@ -49,6 +51,8 @@ class CoCoOpBase(nn.Module):
     and ``prompt_learner.meta_net.*`` plus the class names and config (as for DPT).
     """
 
+    clip: Any  # the frozen open_clip CLIP (its towers are read as attributes)
+
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: CoCoOpConfig | None = None, *, tokenizer: ClipTokenizer | None = None):
         super().__init__()
@@ -68,7 +72,7 @@ class CoCoOpBase(nn.Module):
                 f"embedding ({geo.vocab_size} rows): CoCoOp needs CLIP's BPE tokenizer"
             )
         _check_distinct_prompts(self.classnames, tokenizer)
-        self.prompt_learner = CoCoOpPrompts(clip.token_embedding, tokenizer, self.classnames,
+        self.prompt_learner = CoCoOpPrompts(self.clip.token_embedding, tokenizer, self.classnames,
                                             config, geo.embed_dim, _param_dtype(clip))
         # The run's TrainConfig (a dict) when the model comes from a checkpoint.
         self.train_config: dict | None = None
@@ -93,9 +97,9 @@ class CoCoOpBase(nn.Module):
 
     # One definition with DPT: the image checks and ``predict`` read only ``geometry`` and
     # ``forward``.
-    check_images = DPTBase.check_images
-    predict = DPTBase.predict
-    _image_batch = DPTBase._image_batch
+    check_images: Any = DPTBase.check_images
+    predict: Any = DPTBase.predict
+    _image_batch: Any = DPTBase._image_batch
 
     @property
     def uses_frozen_image(self) -> bool:
@@ -165,8 +169,10 @@ class CoCoOpBase(nn.Module):
         elif device is not None:
             clip = clip.to(device)
         check_activation(meta.get("clip"), clip, str(path))
+        # The model's own config, as its state_dict records it (the run's DPTConfig holds
+        # the options it was built from).
         model = cls(clip, decode_json_tensor(state[META_CLASSNAMES]),
-                    CoCoOpConfig(**run["model"]))
+                    CoCoOpConfig(**decode_json_tensor(state[META_CONFIG])))
         model.load_state_dict(state)
         model.train_config = run
         return model.eval()

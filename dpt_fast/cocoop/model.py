@@ -39,7 +39,7 @@ class CoCoOp(CoCoOpBase):
                  tokenizer: ClipTokenizer | None = None) -> None:
         super().__init__(clip, classnames, config, tokenizer=tokenizer)
         # Plain attributes, not submodules: they only read the (already registered) CLIP.
-        self._vision = PromptedVisionEncoder(clip.visual)
+        self._vision = PromptedVisionEncoder(self.clip.visual)
         self._text = ConditionedTextEncoder(clip)
 
     @torch.no_grad()

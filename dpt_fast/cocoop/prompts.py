@@ -35,6 +35,12 @@ class CoCoOpPrompts(TextPrompts):
     ``token_suffix`` (C, T - 1 - M, D). Parameters: ``ctx`` (M, D); ``meta_net``.
     """
 
+    # Registered by TextPrompts; declared here for the type checker.
+    token_ids: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
+    ctx: nn.Parameter
+
     def __init__(self, token_embedding: nn.Embedding, tokenizer: ClipTokenizer,
                  classnames: Sequence[str], config: CoCoOpConfig, embed_dim: int,
                  param_dtype: torch.dtype) -> None:
@@ -51,11 +57,11 @@ class CoCoOpPrompts(TextPrompts):
                 f"unit for image features of size {embed_dim}: use at most {embed_dim}"
             )
         width = token_embedding.weight.shape[1]
-        kw = {"device": token_embedding.weight.device, "dtype": param_dtype}
+        device = token_embedding.weight.device
         self.meta_net = nn.Sequential(OrderedDict([
-            ("linear1", nn.Linear(embed_dim, hidden, **kw)),
+            ("linear1", nn.Linear(embed_dim, hidden, device=device, dtype=param_dtype)),
             ("relu", nn.ReLU(inplace=True)),
-            ("linear2", nn.Linear(hidden, width, **kw)),
+            ("linear2", nn.Linear(hidden, width, device=device, dtype=param_dtype)),
         ]))
 
     def conditioned_context(self, image_features: torch.Tensor) -> torch.Tensor:

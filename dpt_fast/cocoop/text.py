@@ -14,8 +14,9 @@ The attention is the ``prompt_attention`` op (fused Triton kernels on CUDA).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from dpt_fast.clip_interop import text_head
 from dpt_fast.cocoop.prompts import CoCoOpPrompts
@@ -29,14 +30,14 @@ class ConditionedTextEncoder:
     Holds no parameters: it reads the CLIP's frozen text tower and the prompts it is given.
     """
 
-    def __init__(self, clip: nn.Module) -> None:
-        self.clip = clip
+    def __init__(self, clip: Any) -> None:
+        self.clip = clip  # an open_clip CLIP (its towers are read as attributes)
         self.blocks = fast_blocks(clip.transformer, "text")
 
     def __call__(self, prompts: CoCoOpPrompts, context: torch.Tensor) -> torch.Tensor:
         """context: (B, M, D) each image's conditioned context -> (B, C, E), unnormalised."""
-        batch, n_ctx = context.shape[:2]
-        n_cls = prompts.token_prefix.shape[0]
+        batch, n_ctx = int(context.shape[0]), int(context.shape[1])
+        n_cls = int(prompts.token_prefix.shape[0])
         length = prompts.used_length  # positions up to the last EOT
         n_prefix = 1 + n_ctx
         positions = self.clip.positional_embedding[:length]

@@ -80,10 +80,11 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
     same_classes = source_classes == model.classnames
-    if same_classes and source_config.get("template") == model.config.template:
+    # (a model whose config has no template or class-specific context: CoCoOp)
+    if same_classes and source_config.get("template") == getattr(model.config, "template", None):
         model.load_state_dict(state)
         return
-    if model.config.class_specific_ctx and not same_classes:
+    if getattr(model.config, "class_specific_ctx", False) and not same_classes:
         raise ValueError("class-specific text contexts (class_specific_ctx=True) belong to the "
                          "training classes and cannot be evaluated on other classes")
 

@@ -26,6 +26,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "linear_probe": ("dpt_fast.methods.linear_probe:LINEAR_PROBE",
                      "linear-probe CLIP: logistic regression on frozen image features (lpclip)"),
     "coop": ("dpt_fast.methods.dpt_presets:COOP", "CoOp: learned text context"),
+    "cocoop": ("dpt_fast.methods.cocoop:COCOOP",
+               "CoCoOp: text context conditioned on each image by a meta-net"),
     "vpt": ("dpt_fast.methods.dpt_presets:VPT",
             "VPT-deep: learned visual prompts, hand-crafted text classifier"),
     "vlp": ("dpt_fast.methods.dpt_presets:VLP",
