@@ -4,6 +4,8 @@ Its options are DPTConfig's text-context fields (``--n-text-ctx``, ``--text-ctx-
 ``--init-std``), turned into a :class:`~dpt_fast.cocoop.config.CoCoOpConfig` by
 :func:`dpt_fast.cocoop.build.build_cocoop`. One optimizer group, the context and the meta-net
 together at ``text_lr`` (the authors optimise the whole ``prompt_learner`` with one SGD).
+In ``--recipe toy`` it takes the toy recipe's values, as every method does (not tuned for
+CoCoOp).
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from dpt_fast.methods.base import Method, ParamGroup, RecipeValues
 AUTHORS_MODEL = {"n_text_ctx": 4, "text_ctx_init": "a photo of a"}
 AUTHORS_RUN = {"batch_size": 1, "epochs": 10, "text_lr": 0.002, "text_warmup_epochs": 1,
                "warmup_lr": 1e-5}
-# The toy recipe (dpt_fast/toy): the toy's batch 32 and 12 epochs as for every method; the
-# meta-net starts random and needs a larger step than the authors' 0.002 there.
-TOY_RUN = {"text_lr": 0.02}
 
 COCOOP = Method(
     name="cocoop",
@@ -31,7 +30,6 @@ COCOOP = Method(
     recipes={
         "authors": RecipeValues(run=AUTHORS_RUN, model=AUTHORS_MODEL),
         "dpt_fast": RecipeValues(run=AUTHORS_RUN, model=AUTHORS_MODEL),
-        "toy": RecipeValues(run=TOY_RUN),
     },
 )
 
