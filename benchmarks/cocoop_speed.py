@@ -6,6 +6,7 @@ Each case runs in its own subprocess (a fresh allocator and CLIP per measurement
     python benchmarks/cocoop_speed.py                          # the default table, JSON to stdout
     python benchmarks/cocoop_speed.py --out results.json       # also write it to a file
     python benchmarks/cocoop_speed.py --case train:fast:8      # one case, here
+    python benchmarks/cocoop_speed.py --reuse earlier.jsonl    # cases measured before: kept
 
 Cases ``mode:impl:batch[:warmup[:repeats]]``, 100 classes ("class 0".."class 99"): ``train`` is
 one training step (forward, cross-entropy, backward; gradients cleared), ``eval`` one evaluation
@@ -21,7 +22,9 @@ Not in the default table, for this machine's sake (23 GiB, 2 cores): the referen
 training step (its per-image loop keeps all 8 images' text graphs until backward, 8 times the
 batch-1 step's activations, ~21 GiB) and its 100-image evaluation (~100 times the per-image
 work of the 10-image case, over half an hour of CPU). Both are linear in the images by
-construction (one image at a time), which ``ratios`` uses, per image, and says so.
+construction (one image at a time), which ``ratios`` uses, per image, and says so. A result
+taken from ``--reuse`` (a case measured by an earlier run or by ``--case``, in the same setting)
+is marked ``"reused": true``.
 
 Peak activation memory (``peak_activation_mib``): one more call under ``torch.profiler`` with
 ``profile_memory=True``; every op's own allocations and frees (``self_cpu_memory_usage``) are
@@ -45,8 +48,8 @@ N_CLASSES = 100
 DEFAULT_CASES = [
     "train:fast:1", "train:reference:1:0:1",
     "train:fast:8",
-    "eval:fast:10", "eval:reference:10:0:1",
-    "eval:fast:100", "eval_cached:fast:100",
+    "eval:fast:10", "eval:reference:10:0:1", "eval_cached:fast:10",
+    "eval:fast:100:0:1",
 ]
 MIB = 2**20
 
@@ -174,6 +177,9 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the results JSON here too")
+    parser.add_argument("--reuse", nargs="*", default=[],
+                        help="files of result lines an earlier run printed (stderr, one JSON "
+                             "object a line; --case output): cases found there are not run again")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
@@ -182,8 +188,19 @@ def main() -> int:
     import torch
     from json_report import emit  # beside this script (run by path)
 
+    earlier = {}
+    for path in args.reuse:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("{"):
+                    found = json.loads(line)
+                    if "seconds" in found:
+                        earlier[found["case"]] = found
     results = []
     for case in args.cases:
+        if case in earlier:
+            results.append({**earlier[case], "reused": True})
+            continue
         proc = subprocess.run(
             [sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)],
             capture_output=True, text=True,
