@@ -9,6 +9,7 @@ class name: zero-shot CLIP's classifier, DPT's class selection and guidance feat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class ZeroShotCLIP(nn.Module):
     """
 
     frozen_pass_id = "DPT"  # the feature cache's key: the pass of dpt_fast.DPT
+    handcrafted_text_features: torch.Tensor  # (C, E) buffer
     uses_frozen_image = True  # evaluation may hand it cached frozen features
 
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
@@ -69,7 +71,8 @@ class ZeroShotCLIP(nn.Module):
         self.register_buffer("handcrafted_text_features",
                              zero_shot_classifier(clip, self.classnames, self.config.template),
                              persistent=False)
-        self._vision = PromptedVisionEncoder(clip.visual)  # reads the registered CLIP only
+        # a plain attribute: it only reads the registered CLIP
+        self._vision = PromptedVisionEncoder(cast(nn.Module, clip.visual))
 
     def train(self, mode: bool = True) -> ZeroShotCLIP:
         super().train(mode)
@@ -83,8 +86,9 @@ class ZeroShotCLIP(nn.Module):
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of frozen image features (B, E)."""
-        text = self.handcrafted_text_features
-        return self.clip.logit_scale.exp() * normalize(features.to(text.dtype)) @ text.t()
+        text = cast(torch.Tensor, self.handcrafted_text_features)
+        scale = cast(torch.Tensor, self.clip.logit_scale).exp()
+        return scale * normalize(features.to(text.dtype)) @ text.t()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor,

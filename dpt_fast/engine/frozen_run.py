@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,7 +161,7 @@ def frozen_run_in_session(session: Session, config: TrainConfig, template_explic
         if info.is_main:
             write_json(output_dir / CONFIG_FILE, {**config_to_dict(run_config),
                                                   "clip": clip.record})
-        results = {"config": config_to_dict(run_config), "clip": clip.record,
+        results: dict[str, Any] = {"config": config_to_dict(run_config), "clip": clip.record,
                    "dataset": config.dataset, "classes": splits.classnames, "data": data,
                    "history": []}
         if method.training == "fit":

@@ -344,6 +344,10 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     """:func:`eval_run` in ``session``; writes ``output_name`` (default
     ``eval_<dataset>_<subsample>.json``) in ``config.output_dir``."""
     info = session.info
+    method = get_method(config.model.method)
+    if method.training != "sgd" and checkpoint is None:
+        raise ValueError(f"eval --official-dir reads the authors' prompts; --method "
+                         f"{method.name} has none: run `dpt-fast train --method {method.name}`")
     out = Path(config.output_dir)
     if info.is_main:
         check_writable(out)

@@ -8,6 +8,7 @@ and set with :meth:`LinearProbeCLIP.set_classifier`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ class LinearProbeCLIP(nn.Module):
 
     frozen_pass_id = "DPT"  # the fast DPT's frozen pass: shares its feature cache
     uses_frozen_image = True
+    weight: torch.Tensor  # (C, E) buffer
+    bias: torch.Tensor  # (C,) buffer
 
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: DPTConfig | None = None) -> None:
@@ -35,7 +38,7 @@ class LinearProbeCLIP(nn.Module):
         self.geometry: ClipGeometry = clip_geometry(clip)
         clip.requires_grad_(False)
         self.clip = clip.eval()
-        self._vision = PromptedVisionEncoder(clip.visual)
+        self._vision = PromptedVisionEncoder(cast(nn.Module, clip.visual))
         width = self.geometry.embed_dim
         # (C, E) and (C,): zero until fitted.
         self.register_buffer("weight", torch.zeros(len(self.classnames), width))
@@ -51,7 +54,7 @@ class LinearProbeCLIP(nn.Module):
         """The frozen CLIP's image features (B, E) of images (B, 3, H, W)."""
         return self._vision(images)
 
-    def set_classifier(self, classifier) -> None:
+    def set_classifier(self, classifier: Any) -> None:
         """Take a fitted scikit-learn ``LogisticRegression`` (labels 0 … C-1) as the layer.
 
         A two-class fit has one row of coefficients (the second class's score minus the

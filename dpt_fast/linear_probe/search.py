@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def val_shots(shots: int) -> int:
     return VAL_SHOTS_CAP if shots < 1 else min(shots, VAL_SHOTS_CAP)
 
 
-def fit(features: np.ndarray, labels: np.ndarray, c: float):
+def fit(features: np.ndarray, labels: np.ndarray, c: float) -> Any:
     """lpclip's classifier: L2-regularised multinomial logistic regression, lbfgs."""
     from sklearn.linear_model import LogisticRegression
 
@@ -43,7 +44,7 @@ def fit(features: np.ndarray, labels: np.ndarray, c: float):
     return LogisticRegression(solver="lbfgs", max_iter=MAX_ITER, C=c).fit(features, labels)
 
 
-def accuracy(classifier, features: np.ndarray, labels: np.ndarray) -> np.float64:
+def accuracy(classifier: Any, features: np.ndarray, labels: np.ndarray) -> np.float64:
     """Fraction of ``labels`` predicted (lpclip's validation accuracy, a numpy float)."""
     return np.sum(classifier.predict(features) == labels) / len(labels)
 
@@ -71,7 +72,7 @@ class SearchResult:
 
     grid_accuracies: list[np.float64]
     steps: list[SearchStep] = field(default_factory=list)
-    classifier: object = None  # the last step's fitted LogisticRegression
+    classifier: Any = None  # the last step's fitted LogisticRegression
 
     @property
     def c(self) -> float:
@@ -82,7 +83,7 @@ class SearchResult:
 def search_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
              num_steps: int = NUM_STEPS, test: tuple[np.ndarray, np.ndarray] | None = None,
              test_every_step: bool = True,
-             fitter: Callable[[np.ndarray, np.ndarray, float], object] = fit) -> SearchResult:
+             fitter: Callable[[np.ndarray, np.ndarray, float], Any] = fit) -> SearchResult:
     """lpclip's search of C on ``train`` = (features (N, E), labels (N,)), validated on ``val``.
 
     With ``test``, each step's fit is scored on it (``test_every_step``, as lpclip reports) or

@@ -103,7 +103,9 @@ def run_method(config) -> dict:
     train_time = sum(train_images / h["images_per_s"] for h in history)
     return {"method": config.model.method, "seed": config.seed,
             "accuracy": results["test"]["accuracy"], "train_s": train_time, "wall_s": wall,
-            "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+            # a method without the SGD loop (zeroshot, linear_probe) has no epochs
+            "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)
+                             if history else None),
             "epoch_loss": [h["loss"] for h in history]}
 
 
