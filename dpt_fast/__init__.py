@@ -2,6 +2,7 @@
 
 >>> from dpt_fast import DPT, DPTConfig, DPTOutput          # fast model
 >>> from dpt_fast.reference import DPT as ReferenceDPT      # pure-PyTorch oracle
+>>> from dpt_fast import CoCoOp, CoCoOpConfig               # fast CoCoOp (same conventions)
 
 ``import dpt_fast`` registers the ops under ``torch.ops.dpt_fast`` (the compiled extension's
 ``class_aware_attention`` / ``_backward``, and the ``prompt_attention_fwd`` / ``_bwd`` custom
@@ -24,13 +25,16 @@ from typing import TYPE_CHECKING, Any
 from dpt_fast.config import DPTConfig
 
 if TYPE_CHECKING:
+    from dpt_fast.cocoop.config import CoCoOpConfig
+    from dpt_fast.cocoop.model import CoCoOp
     from dpt_fast.model import DPT
     from dpt_fast.output import DPTOutput
 
-__all__ = ["DPT", "DPTConfig", "DPTOutput"]
+__all__ = ["DPT", "CoCoOp", "CoCoOpConfig", "DPTConfig", "DPTOutput"]
 __version__ = "0.1.0"
 
-_LAZY = {"DPT": "dpt_fast.model", "DPTOutput": "dpt_fast.output"}
+_LAZY = {"DPT": "dpt_fast.model", "DPTOutput": "dpt_fast.output",
+         "CoCoOp": "dpt_fast.cocoop.model", "CoCoOpConfig": "dpt_fast.cocoop.config"}
 
 
 def _launched_as_command() -> bool:
@@ -40,7 +44,7 @@ def _launched_as_command() -> bool:
     if script in ("dpt-fast", "dpt-fast.exe"):
         return True
     argv = getattr(sys, "orig_argv", [])
-    return any(a == "-m" and b in ("dpt_fast", "dpt_fast.cli")
+    return any(a == "-m" and b in ("dpt_fast", "dpt_fast.cli", "dpt_fast.linear_probe")
                for a, b in itertools.pairwise(argv))
 
 

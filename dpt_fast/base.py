@@ -17,7 +17,6 @@ from dpt_fast import official
 from dpt_fast.clip_interop import (
     ClipGeometry,
     clip_geometry,
-    encode_text_tokens,
     run_block,
     vision_embed,
     vision_head,
@@ -39,6 +38,7 @@ from dpt_fast.state_dict_meta import (
     state_dict_post_hook,
 )
 from dpt_fast.tokenizer import ClipTokenizer
+from dpt_fast.zero_shot import zero_shot_classifier
 
 
 def _check_classnames(classnames: Sequence[str]) -> list[str]:
@@ -137,14 +137,11 @@ class DPTBase(nn.Module):
         param = next(p for p in clip.parameters() if p.is_floating_point())
         device, dtype = param.device, _param_dtype(clip)
 
-        handcrafted = [config.template.format(prompt_class_name(c)) for c in self.classnames]
-        try:
-            handcrafted_ids = tokenizer(handcrafted).to(device)
-        except ValueError as err:
-            raise ValueError(f"a class name is too long for the template: {err}") from None
-        features = encode_text_tokens(clip, handcrafted_ids)
-        # (C, E) normalised text features of the hand-crafted template, fixed.
-        self.register_buffer("handcrafted_text_features", _normalize(features),
+        # (C, E) normalised text features of the hand-crafted template, fixed: zero-shot
+        # CLIP's classifier (the one function every method shares).
+        self.register_buffer("handcrafted_text_features",
+                             zero_shot_classifier(clip, self.classnames, config.template,
+                                                  tokenizer),
                              persistent=False)
 
         self.text_prompts = (

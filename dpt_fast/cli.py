@@ -33,6 +33,7 @@ from dpt_fast.engine.config import (
 from dpt_fast.engine.progress import PROGRESS_MODES, ProgressSettings
 from dpt_fast.engine.recipe import apply_recipe, template_is_fixed
 from dpt_fast.errors import ImageReadError, RunFolderBusy, TrainingDiverged
+from dpt_fast.methods import METHOD_NAMES
 
 # The run fields `dpt-fast eval` takes (the model fields describe --official-dir checkpoints).
 EVAL_FIELDS = fields_with(TrainConfig, EVAL)
@@ -48,7 +49,9 @@ def _add_field(parser: argparse.ArgumentParser, name: str, kind, help_text: str,
     kw: dict = {"dest": name, "default": argparse.SUPPRESS,
                 "help": f"{help_text} (default: {default!r})"}
     origin = typing.get_origin(kind)
-    if kind is bool:
+    if name == "method":  # the registry's names (dpt_fast.methods), read without torch
+        parser.add_argument(flag, choices=METHOD_NAMES, **kw)
+    elif kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif origin is typing.Literal:
         parser.add_argument(flag, choices=typing.get_args(kind), **kw)
@@ -237,8 +240,22 @@ def _resolve(args: argparse.Namespace, loaded: dict | None, *, recipe: bool = Tr
     except TypeError as err:
         raise ValueError(f"invalid configuration: {err}") from None
     if recipe:
+        check_method_options(config.model.method, frozenset(explicit))
         config = apply_recipe(config, frozenset(explicit))
     return config, frozenset(explicit)
+
+
+def check_method_options(method: str, explicit: frozenset[str]) -> None:
+    """Refuse the options ``method`` does not read (docs/methods.md), in one line."""
+    from dpt_fast.methods import get_method
+    from dpt_fast.methods.base import option_flags
+
+    model_names = {f.name for f in dataclasses.fields(DPTConfig)}
+    unread = get_method(method).refused_options(explicit, model_names)
+    if unread:
+        raise ValueError(f"--method {method} does not read {option_flags(unread)}: drop "
+                         f"{'it' if len(unread) == 1 else 'them'} (docs/methods.md lists what "
+                         "each method reads)")
 
 
 # Exit statuses: bad input the user can fix (flags, files, data) vs. a failure while running.

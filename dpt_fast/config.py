@@ -22,8 +22,10 @@ from dpt_fast.config_fields import (
     fields_with,
     with_roles,
 )
+from dpt_fast.methods import METHOD_NAMES
 
-MethodName = Literal["coop", "vpt", "vlp", "dpt"]
+# A registered method's name (dpt_fast.methods.METHOD_NAMES); the DPT presets are DPT_PRESETS.
+MethodName = str
 ClassTokenPosition = Literal["end", "middle", "front"]
 
 
@@ -37,7 +39,7 @@ class MethodSpec:
     guidance: bool  # the guidance objective (zero-shot image + hand-crafted text terms)
 
 
-METHODS: dict[str, MethodSpec] = {
+DPT_PRESETS: dict[str, MethodSpec] = {
     # trainers/coop.py: text prompts, CE(logits)
     "coop": MethodSpec(text_prompts=True, deep_visual_prompts=False,
                        class_aware_prompts=False, guidance=False),
@@ -51,6 +53,10 @@ METHODS: dict[str, MethodSpec] = {
     "dpt": MethodSpec(text_prompts=True, deep_visual_prompts=True,
                       class_aware_prompts=True, guidance=True),
 }
+# The model parts of a registered method that is not a DPT preset (zero-shot CLIP, the linear
+# probe, ...): none of DPT's prompts, so no DPT option applies to it.
+NO_PROMPTS = MethodSpec(text_prompts=False, deep_visual_prompts=False,
+                        class_aware_prompts=False, guidance=False)
 
 
 def _check_template(template: str) -> None:
@@ -76,7 +82,8 @@ class DPTConfig:
     model is built).
     """
 
-    method: MethodName = with_roles("dpt", REPORT_KEY)  # "coop" | "vpt" | "vlp" | "dpt" (METHODS)
+    # a registered method (dpt_fast.methods: dpt, coop, vpt, vlp, zeroshot, linear_probe, ...)
+    method: MethodName = with_roles("dpt", REPORT_KEY)
     n_text_ctx: int = 16  # learnable text context tokens (ignored when text_ctx_init is set)
     text_ctx_init: str = ""  # words that initialise the text context, e.g. "a photo of a"
     class_specific_ctx: bool = False  # one text context per class (CoOp's CSC)
@@ -93,9 +100,9 @@ class DPTConfig:
     init_std: float = with_roles(0.02, INIT_ONLY)  # std of the normal init of all prompt tokens
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in METHOD_NAMES:
             raise ValueError(
-                f"DPTConfig.method must be one of {sorted(METHODS)}, got {self.method!r}"
+                f"DPTConfig.method must be one of {list(METHOD_NAMES)}, got {self.method!r}"
             )
         if self.class_token_position not in ("end", "middle", "front"):
             raise ValueError(
@@ -142,8 +149,9 @@ class DPTConfig:
 
     @property
     def spec(self) -> MethodSpec:
-        """The parts of the model this config's method uses."""
-        return METHODS[self.method]
+        """The parts of DPT this config's method uses (none for a method that is not a DPT
+        preset)."""
+        return DPT_PRESETS.get(self.method, NO_PROMPTS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

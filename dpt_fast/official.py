@@ -39,6 +39,7 @@ from torch import nn
 TEXT_PART = "prompt_learner"
 VISUAL_PART = "image_encoder.transformer.ctx_learner"
 CAVPT_PART = "image_encoder.transformer.extractor"
+DPT_PARTS = (TEXT_PART, VISUAL_PART, CAVPT_PART)
 IGNORED_KEYS = frozenset({"token_prefix", "token_suffix"})
 
 _CAVPT_LAYER_KEYS = {
@@ -96,13 +97,18 @@ def _allow_training_state_classes():
                          collections.defaultdict, dict])
 
 
-def read_part(directory: str | os.PathLike, part: str, epoch: int | None) -> dict:
-    """The ``state_dict`` of one sub-module's checkpoint, loaded with ``weights_only=True``."""
+def read_part(directory: str | os.PathLike, part: str, epoch: int | None,
+              method: str = "DPT", parts: tuple[str, ...] = DPT_PARTS) -> dict:
+    """The ``state_dict`` of one sub-module's checkpoint, loaded with ``weights_only=True``.
+
+    ``method`` and ``parts`` (the sub-modules its trainer saves) only word the error for a
+    missing file.
+    """
     path = Path(directory) / part / checkpoint_filename(epoch)
     if not path.is_file():
         raise FileNotFoundError(
-            f"official DPT checkpoint not found: {path}. Expected the authors' layout "
-            f"<directory>/{{{TEXT_PART}, {VISUAL_PART}, {CAVPT_PART}}}/"
+            f"official {method} checkpoint not found: {path}. Expected the authors' layout "
+            f"<directory>/{{{', '.join(parts)}}}/"
             f"{checkpoint_filename(epoch)} (the parts this method uses)."
         )
     try:

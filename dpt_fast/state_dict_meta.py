@@ -52,7 +52,8 @@ def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
                             f"{module.classnames[i]!r}")
     ours = module.config.model_fields()
     for field in module.config.differing_model_fields(config):
-        problems.append(f"DPTConfig.{field} is {config.get(field)!r} in the state_dict, "
+        problems.append(f"{type(module.config).__name__}.{field} is {config.get(field)!r} "
+                        "in the state_dict, "
                         f"{ours.get(field)!r} in this model")
     return problems
 

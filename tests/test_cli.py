@@ -131,13 +131,13 @@ def test_eval_of_a_checkpoint_honours_template_and_refuses_model_flags(
     out = tmp_path / "run"
     assert main(_train_args(clip_files, colour_folder, out, epochs=1)) == 0
     built = []
-    original = run_module.DPT
+    original = run_module.create_method  # the one factory the runs build models with
 
-    def spy(clip, classnames, config):
+    def spy(name, clip, classnames, config):
         built.append(config)
-        return original(clip, classnames, config)
+        return original(name, clip, classnames, config)
 
-    monkeypatch.setattr(run_module, "DPT", spy)
+    monkeypatch.setattr(run_module, "create_method", spy)
     base = ["eval", "--checkpoint", str(out / "checkpoint-last.safetensors"), "--dataset",
             "folder", "--root", str(colour_folder), "--device", "cpu", "--num-workers", "0",
             "--output-dir", str(tmp_path / "eval")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dpt_fast import DPTConfig
-from dpt_fast.config import METHODS
+from dpt_fast.config import DPT_PRESETS as METHODS
 
 
 def test_defaults_are_the_authors():

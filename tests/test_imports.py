@@ -22,6 +22,7 @@ PACKAGE_DIR = Path(dpt_fast.__file__).parent
 # The model layer (docs/DESIGN.md §4): what `from dpt_fast import DPT` needs. It must work
 # without the training engine, so nothing in it may import dpt_fast.engine.
 MODEL_LAYER = ("dpt_fast.base", "dpt_fast.model", "dpt_fast.reference", "dpt_fast.fast",
+               "dpt_fast.cocoop",
                "dpt_fast.prompts", "dpt_fast.loss", "dpt_fast.state_dict_meta",
                "dpt_fast.backbone", "dpt_fast.checkpoint", "dpt_fast.clip_interop",
                "dpt_fast.ops", "dpt_fast.config")

@@ -23,6 +23,7 @@ from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, REPEAT, REPORT_KEY, RESUMABLE, with_roles
 from dpt_fast.engine.progress import PROGRESS_MODES, ProgressMode, ProgressSettings
 from dpt_fast.engine.recipe import RECIPE_BACKBONES, RecipeName
+from dpt_fast.methods import get_method
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -38,7 +39,7 @@ class TrainConfig:
 
     dataset: str = with_roles("oxford_pets", EVAL, REPORT_KEY)  # a DATASETS name, or "folder"
     root: str = with_roles("data", EVAL, RESUMABLE)  # folder holding the datasets in CoOp's layout
-    shots: int = with_roles(16, REPORT_KEY)  # training images per class (-1: all)
+    shots: int = with_roles(16, REPORT_KEY)  # training images per class (-1: all; zeroshot: 0)
     seed: int = with_roles(1, EVAL, REPEAT)  # seed of the few-shot split, data order, prompt init
     # classes to train on (base-to-new)
     subsample: Literal["all", "base", "new"] = with_roles("all", EVAL, REPORT_KEY)
@@ -88,7 +89,10 @@ class TrainConfig:
         """Refuse values no run can use, naming the field (before any work starts)."""
         rules = (
             ("recipe", self.recipe in RECIPE_BACKBONES, f"one of {sorted(RECIPE_BACKBONES)}"),
-            ("shots", self.shots == -1 or self.shots >= 1, "-1 (all images) or >= 1"),
+            # 0: no training image, for the methods that read none (zeroshot)
+            ("shots", self.shots == -1 or self.shots >= 1 or (
+                self.shots == 0 and not get_method(self.model.method).uses_shots),
+             "-1 (all images) or >= 1 (0 only for a method without training images)"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),

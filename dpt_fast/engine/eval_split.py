@@ -107,7 +107,9 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
     key = {**clip_key, "crops": test_set.crops.key_digest, "device": _device_kind(device),
            "precision": dtype_name, "image_size": model.geometry.image_size[0],
            # what else changes the rounding of the frozen pass
-           "torch": torch.__version__, "model": type(model).__name__,
+           "torch": torch.__version__,
+           # the frozen pass's code: models that run the same pass share the features
+           "model": getattr(model, "frozen_pass_id", type(model).__name__),
            "backend": os.environ.get("DPT_FAST_BACKEND", "auto")}
     memo = tuple(sorted((k, str(v)) for k, v in key.items()))
     if memo not in test_set._features:

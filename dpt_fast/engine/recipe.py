@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from dpt_fast.config import METHODS
 from dpt_fast.config_fields import defaults
+from dpt_fast.methods import get_method
 
 RecipeName = Literal["dpt_fast", "authors", "toy"]
 
@@ -37,8 +37,8 @@ class Recipe:
     Attributes:
         backbone: the open_clip model (or "toy").
         run: TrainConfig fields of :data:`RECIPE_FIELDS` that differ from their defaults.
-        model: DPTConfig fields; those of the class-aware prompts (``cavpt_*``) only for the
-            methods that have them. A ``template`` here replaces the dataset's template.
+        model: DPTConfig fields; each goes to the methods that read it (a method's
+            ``model_fields``). A ``template`` here replaces the dataset's template.
     """
 
     backbone: str
@@ -78,7 +78,6 @@ RECIPE_BACKBONES: dict[str, str] = {name: recipe.backbone for name, recipe in RE
 # The run fields a recipe governs, in the order the start of a run reports them.
 RECIPE_FIELDS = ("backbone", "pretrained", "epochs", "batch_size", "lr", "text_lr",
                  "warmup_epochs", "text_warmup_epochs", "warmup_lr", "momentum", "weight_decay")
-_CLASS_AWARE_PREFIX = "cavpt_"
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,9 @@ def recipe_values(recipe: str, dataset: str, method: str, base: dict[str, Any]
     spec = get_recipe(recipe)
     values = {name: (base[name], "default") for name in RECIPE_FIELDS}
     values.update({name: (value, f"recipe {recipe}") for name, value in spec.run.items()})
+    # The method's own values in this recipe (CoCoOp's batch 1, ...) win over the recipe's.
+    values.update({name: (value, f"recipe {recipe}, {method}")
+                   for name, value in get_method(method).recipe_values(recipe).run.items()})
     values["backbone"] = (spec.backbone, f"recipe {recipe}")
     for rule in DATASET_RULES:
         if dataset in rule.datasets and method in rule.methods:
@@ -131,12 +133,14 @@ def recipe_values(recipe: str, dataset: str, method: str, base: dict[str, Any]
 
 
 def recipe_model_values(recipe: str, method: str) -> dict[str, Any]:
-    """The DPTConfig fields recipe ``recipe`` sets for ``method``. The class-aware prompts'
-    fields only go to methods that have them: elsewhere they would act on nothing, and the
-    run's recorded config would claim settings it did not use."""
-    class_aware = METHODS[method].class_aware_prompts
-    return {name: value for name, value in get_recipe(recipe).model.items()
-            if class_aware or not name.startswith(_CLASS_AWARE_PREFIX)}
+    """The DPTConfig fields recipe ``recipe`` sets for ``method``: only those the method reads
+    (elsewhere they would act on nothing, and the run's recorded config would claim settings it
+    did not use), then the method's own values in the recipe."""
+    chosen = get_method(method)
+    values = {name: value for name, value in get_recipe(recipe).model.items()
+              if name in chosen.model_fields}
+    values.update(chosen.recipe_values(recipe).model)
+    return values
 
 
 def apply_recipe(config, explicit: frozenset[str]):
@@ -152,6 +156,8 @@ def apply_recipe(config, explicit: frozenset[str]):
                      if name not in explicit}
     if model_changes:
         changes["model"] = dataclasses.replace(config.model, **model_changes)
+    if not get_method(config.model.method).uses_shots:
+        changes["shots"] = 0  # it reads no training image (zero-shot CLIP)
     return dataclasses.replace(config, **changes)
 
 

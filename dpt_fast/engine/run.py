@@ -15,8 +15,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import barrier
 from dpt_fast.engine.eval_split import TestSet, frozen_features
 from dpt_fast.engine.evaluation import evaluate
+from dpt_fast.engine.frozen_run import frozen_run_in_session
 from dpt_fast.engine.metrics import harmonic_mean
 from dpt_fast.engine.official_backbone import official_backbone
 from dpt_fast.engine.recipe import describe_recipe
@@ -45,6 +44,7 @@ from dpt_fast.engine.run_folder import (
     check_folder_flags,
     prepare_run_folder,
 )
+from dpt_fast.engine.run_setup import check_writable, data_summary, model_config_for
 from dpt_fast.engine.seeding import seed_all
 from dpt_fast.engine.session import LoadedClip, Session
 from dpt_fast.engine.tensorboard import (
@@ -54,7 +54,7 @@ from dpt_fast.engine.tensorboard import (
 )
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
-from dpt_fast.model import DPT
+from dpt_fast.methods import create_method, get_method
 from dpt_fast.state_dict_meta import META_CLASSNAMES, META_CONFIG, decode_json_tensor
 
 log = logging.getLogger("dpt_fast")
@@ -80,10 +80,11 @@ def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
     if diff:
         raise ValueError(f"checkpoint config differs from this model in {diff}")
     same_classes = source_classes == model.classnames
-    if same_classes and source_config.get("template") == model.config.template:
+    # (a model whose config has no template or class-specific context: CoCoOp)
+    if same_classes and source_config.get("template") == getattr(model.config, "template", None):
         model.load_state_dict(state)
         return
-    if model.config.class_specific_ctx and not same_classes:
+    if getattr(model.config, "class_specific_ctx", False) and not same_classes:
         raise ValueError("class-specific text contexts (class_specific_ctx=True) belong to the "
                          "training classes and cannot be evaluated on other classes")
 
@@ -114,38 +115,6 @@ def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session:
                       frozen=frozen)
     if test_set.skipped:
         report["skipped_unreadable"] = list(test_set.skipped)
-    return report
-
-
-@torch.no_grad()
-def zero_shot_in_session(session: Session, config: TrainConfig, template_explicit: bool,
-                         folder: Path) -> dict:
-    """Zero-shot CLIP on ``config.dataset``'s test split (hand-crafted prompts, the frozen
-    image features: from the feature cache when it is on), written as
-    ``folder/zeroshot_<dataset>.json`` for ``dpt-fast report``; returns the report."""
-    from dpt_fast.engine.eval_split import compute_frozen_features
-    from dpt_fast.engine.metrics import classification_report
-    from dpt_fast.engine.run_folder import write_zero_shot_result
-
-    splits = session.splits(config.dataset, config.root, -1, config.seed, config.subsample)
-    clip = session.clip(config.backbone, config.pretrained)
-    model_config = _model_config(config, splits, template_explicit)
-    model = DPT(clip.module, splits.classnames, dataclasses.replace(model_config, method="coop"))
-    test_set = _test_set(session, splits, config, config.subsample, model.geometry.image_size[0])
-    amp = autocast_dtype(config.precision, session.device)
-    frozen = frozen_features(test_set, model, clip.cache_key(), session.device, amp,
-                             cache_settings(config), batch_size=config.eval_batch_size)
-    if frozen is None:
-        frozen = compute_frozen_features(model, test_set.dataset, session.device, amp,
-                                         config.eval_batch_size)
-    image = frozen.float().to(session.device)
-    image = image / image.norm(dim=-1, keepdim=True)
-    predictions = (image @ model.handcrafted_text_features.float().t()).argmax(-1).cpu()
-    report = classification_report(predictions, torch.tensor(test_set.labels),
-                                   splits.classnames)
-    if session.info.is_main:
-        write_zero_shot_result(folder, config.dataset, config.backbone, report)
-        log.info("zero-shot CLIP on %s: %.2f%%", config.dataset, report["accuracy"])
     return report
 
 
@@ -182,35 +151,6 @@ def _training_images(splits: DatasetSplits, config: TrainConfig,
     if shared:
         images.prefill(threads=min(8, os.cpu_count() or 1))
     return images
-
-
-def _model_config(config: TrainConfig, splits: DatasetSplits,
-                  template_explicit: bool) -> DPTConfig:
-    if template_explicit:
-        return config.model
-    return dataclasses.replace(config.model, template=splits.template)
-
-
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure files can be written in it, before any work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise PermissionError(f"cannot write to the output folder {folder} "
-                              f"({err.strerror or err}); choose another --output-dir") from None
-
-
-def _data_summary(config: TrainConfig, splits: DatasetSplits) -> dict:
-    """Sizes of the data a run uses, and the shots it really gets: a class with fewer
-    training images than ``shots`` keeps all of them (Dassl's rule)."""
-    per_class = Counter(item.label for item in splits.train)
-    counts = [per_class.get(label, 0) for label in range(splits.num_classes)]
-    return {"classes": splits.num_classes, "train_images": len(splits.train),
-            "val_images": len(splits.val), "test_images": len(splits.test),
-            "shots": config.shots, "effective_shots_min": min(counts, default=0),
-            "effective_shots_max": max(counts, default=0)}
 
 
 def _log_start(config: TrainConfig, data: dict, device: torch.device) -> None:
@@ -278,24 +218,27 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
     ``lock_held``: the caller (a sweep, which claims runs) holds the folder's lock already.
     """
     check_folder_flags(config.resume, overwrite)
+    if get_method(config.model.method).training != "sgd":  # zero-shot CLIP, linear probe
+        return frozen_run_in_session(session, config, template_explicit, overwrite=overwrite,
+                                     lock_held=lock_held)
     info, device = session.info, session.device
     output_dir = Path(config.output_dir)
     lock = FolderLock(output_dir)
     summaries = None
     try:
         if info.is_main:
-            _check_writable(output_dir)
+            check_writable(output_dir)
             if not lock_held:
                 lock.acquire()
             prepare_run_folder(output_dir, resume=config.resume, overwrite=overwrite)
         barrier(info)
         splits, new = _load_run_data(session, config)
-        data = _data_summary(config, splits)
+        data = data_summary(config, splits)
         _log_start(config, data, device)
-        model_config = _model_config(config, splits, template_explicit)
+        model_config = model_config_for(config, splits, template_explicit)
         clip = session.clip(config.backbone, config.pretrained)
         seed_all(config.seed)  # same prompt initialisation on every process
-        model = DPT(clip.module, splits.classnames, model_config)
+        model = create_method(model_config.method, clip.module, splits.classnames, model_config)
         image_size = model.geometry.image_size[0]
         # Before training: every test image is read now (an unreadable one stops the run
         # here, not after the training), and the crops are cached for every later evaluation.
@@ -332,7 +275,8 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
         results["test"] = _eval_split(model, test_set, run_config, session, clip, "test")
         summaries.evaluation("test", results["test"], final_step)
         if new is not None:
-            new_model = DPT(clip.module, new.classnames, model_config)
+            new_model = create_method(model_config.method, clip.module, new.classnames,
+                                      model_config)
             load_for_classes(new_model, model.state_dict())
             results["test_new"] = _eval_split(new_model, new_test, run_config, session, clip,
                                               "new")
@@ -400,9 +344,13 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     """:func:`eval_run` in ``session``; writes ``output_name`` (default
     ``eval_<dataset>_<subsample>.json``) in ``config.output_dir``."""
     info = session.info
+    method = get_method(config.model.method)
+    if method.training != "sgd" and checkpoint is None:
+        raise ValueError(f"eval --official-dir reads the authors' prompts; --method "
+                         f"{method.name} has none: run `dpt-fast train --method {method.name}`")
     out = Path(config.output_dir)
     if info.is_main:
-        _check_writable(out)
+        check_writable(out)
     state = meta = None
     template_explicit = "template" in explicit
     if checkpoint is not None:
@@ -422,7 +370,7 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     clip = session.clip(config.backbone, config.pretrained)
     if meta is not None:
         check_activation(meta.get("clip"), clip.module, checkpoint)
-    model = DPT(clip.module, splits.classnames, model_config)
+    model = create_method(model_config.method, clip.module, splits.classnames, model_config)
     if state is not None:
         load_for_classes(model, state)
     else:

@@ -33,6 +33,7 @@ from dpt_fast.engine.tensorboard import RunSummaries
 from dpt_fast.engine.train_log import append_record, read_history, repair_log
 from dpt_fast.errors import TrainingDiverged
 from dpt_fast.loss import layer_hits
+from dpt_fast.methods import get_method
 
 log = logging.getLogger("dpt_fast")
 
@@ -68,16 +69,21 @@ class Trainer:
                                           info.world_size, config.seed)
         self.batches = EpochIndices(self.sampler)
         self._train_loader: DataLoader | None = None
-        groups = model.parameter_groups()
-        text = groups.get("text_prompts", [])
-        visual = groups.get("visual_prompts", []) + groups.get("cavpt", [])
+        # The groups the method declares (name, model parts, which lr and warm-up apply).
+        parts = model.parameter_groups()
         param_groups, warmups = [], []
-        if text:
-            param_groups.append({"params": text, "lr": config.text_lr, "name": "text"})
-            warmups.append((config.text_warmup_epochs, config.warmup_lr))
-        if visual:
-            param_groups.append({"params": visual, "lr": config.lr, "name": "visual"})
-            warmups.append((config.warmup_epochs, config.warmup_lr))
+        for group in get_method(config.model.method).param_groups:
+            params = [p for part in group.parts for p in parts.get(part, [])]
+            if params:
+                param_groups.append({"params": params, "lr": getattr(config, group.lr_field),
+                                     "name": group.name})
+                warmups.append((getattr(config, group.warmup_field), config.warmup_lr))
+        grouped = {part for group in get_method(config.model.method).param_groups
+                   for part in group.parts}
+        left = sorted(set(parts) - grouped)
+        if left:
+            raise ValueError(f"method {config.model.method!r} declares no parameter group for "
+                             f"the model's parts {left}: add them to its param_groups")
         self.optimizer = torch.optim.SGD(param_groups, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.epochs, warmups)

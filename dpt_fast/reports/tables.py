@@ -7,10 +7,11 @@ Everything is read from the JSON files, nothing from folder names:
 * ``eval_<target>_<subsample>.json`` of ``dpt-fast eval`` (:func:`dpt_fast.engine.run.eval_run`)
   in the folder of a results.json: that run's prompts evaluated on another dataset
   (cross-dataset transfer, domain generalisation);
-* ``zeroshot_<dataset>.json`` anywhere in the tree: zero-shot CLIP on a dataset, written by
-  :func:`write_zero_shot_result` as ``{"dataset": str, "backbone": str, "test": report}`` where
-  ``report`` is an evaluation report like the ``"test"`` of a results.json (only its
-  ``"accuracy"``, in %, is read).
+* the results.json of a ``zeroshot`` run (shots 0, all classes): zero-shot CLIP on a dataset,
+  as are ``zeroshot_<dataset>.json`` files anywhere in the tree, written by
+  :func:`write_zero_shot_result` (and by sweeps of earlier versions) as
+  ``{"dataset": str, "backbone": str, "test": report}`` where ``report`` is an evaluation
+  report like the ``"test"`` of a results.json (only its ``"accuracy"``, in %, is read).
 
 The tables, one block per method (and per backbone and per settings variant):
 
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dpt_fast.config import METHODS
+from dpt_fast.methods import METHOD_NAMES
 from dpt_fast.reports.summary import (
     differing_settings,
     missing_key_fields,
@@ -66,7 +67,8 @@ _CAPTIONS = {
     "cross_dataset": "source: accuracy on the training dataset; one column per target dataset "
                      "the source's prompts were evaluated on (eval_<target>_<classes>.json "
                      "beside its results.json); Average: the mean over the targets.",
-    "zero_shot": "Zero-shot CLIP (zeroshot_<dataset>.json files; n: files).",
+    "zero_shot": "Zero-shot CLIP (zeroshot runs and zeroshot_<dataset>.json files; n: "
+                 "results).",
 }
 _MARK = "†"  # an Average over fewer datasets (targets) than the block has
 _EVAL_FILE = re.compile(r"eval_(?P<target>.+)_(?P<subsample>all|base|new)\.json")
@@ -267,6 +269,10 @@ def collect(root: Path) -> Found:
         if run is None:
             continue
         run_folders.add(path.parent)
+        if run.shots == 0 and run.subsample == "all":
+            # A zero-shot CLIP run (--methods zeroshot): the zero-shot rows and the marker.
+            found.zero_shot.append(ZeroShot(path, run.dataset, run.backbone, run.accuracy))
+            continue
         found.runs.append(run)
         missing = missing_key_fields(results)
         if missing:
@@ -293,7 +299,7 @@ def collect(root: Path) -> Found:
 
 
 def _method_order(method: str) -> tuple:
-    order = list(METHODS)
+    order = list(METHOD_NAMES)  # the registry's order: the paper's
     return (order.index(method) if method in order else len(order), method)
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from dpt_fast.engine.config import TrainConfig
 from dpt_fast.engine.recipe import template_is_fixed
+from dpt_fast.methods import METHOD_NAMES, get_method
 from dpt_fast.sweeps.plan import (
     PROTOCOLS,
     PlannedRun,
     SweepGrid,
     check_grid,
+    check_options,
     parse_shard,
     plan_runs,
     run_state,
@@ -57,7 +59,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--seeds", nargs="+", type=int, default=argparse.SUPPRESS,
                       help="seeds (default: 1 2 3)")
     grid.add_argument("--methods", nargs="+", default=argparse.SUPPRESS,
-                      help="method presets (default: dpt)")
+                      help="registered methods (default: dpt; see docs/methods.md): "
+                           + ", ".join(METHOD_NAMES))
     grid.add_argument("--source", default=argparse.SUPPRESS,
                       help="cross-dataset / dg: the dataset trained on (default: imagenet)")
     grid.add_argument("--targets", nargs="+", default=argparse.SUPPRESS,
@@ -156,7 +159,10 @@ def _work(run: PlannedRun, indexes: dict, counts: Counter) -> tuple[int, int]:
     evaluated = len(index.raw.test)  # base2new: base and new halves together
     for target in run.targets:
         evaluated += len(indexes[target].raw.test)
-    return run.config.epochs * train, evaluated
+    # The SGD loop passes over the training images each epoch; a fitted classifier reads
+    # their frozen features once; zero-shot CLIP reads none.
+    passes = {"sgd": run.config.epochs, "fit": 1, "none": 0}[get_method(run.method).training]
+    return passes * train, evaluated
 
 
 def describe_plan(runs: list[PlannedRun], template_explicit: bool, indexes: dict,
@@ -224,7 +230,7 @@ def estimate_seconds(runs: list[PlannedRun], device_name: str
 
     from dpt_fast.engine.device import autocast_dtype
     from dpt_fast.engine.session import Session
-    from dpt_fast.model import DPT
+    from dpt_fast.methods import create_method
 
     out: dict[str, tuple[float, float]] = {}
     with Session(device_name) as session:
@@ -235,14 +241,18 @@ def estimate_seconds(runs: list[PlannedRun], device_name: str
             # shots -1: the full splits, which writes no few-shot file
             index_classes = session.splits(config.dataset, config.root, -1, config.seed,
                                            config.subsample).classnames
-            model = DPT(clip, index_classes, config.model)
+            model = create_method(method, clip, index_classes, config.model)
             size = model.geometry.image_size[0]
             device = session.device
             amp = autocast_dtype(config.precision, device)
             images = torch.randn(config.batch_size, 3, size, size, device=device)
             labels = torch.randint(len(index_classes), (config.batch_size,), device=device)
-            per_train, per_eval = _time_model(model, images, labels, amp,
-                                              config.eval_batch_size)
+            if get_method(method).training == "sgd":
+                per_train, per_eval = _time_model(model, images, labels, amp,
+                                                  config.eval_batch_size)
+            else:  # its "training" images go through the frozen pass, as evaluation's
+                per_eval = _time_eval(model, images, amp, config.eval_batch_size)
+                per_train = per_eval
             out[method] = (per_train, per_eval)
             print(f"{method}: {1 / per_train:.1f} training images/s, {1 / per_eval:.1f} "
                   f"evaluation images/s on {device} ({config.backbone})")
@@ -274,6 +284,16 @@ def _time_model(model, images, labels, amp, eval_batch_size: int) -> tuple[float
         step()
     _sync(device)
     per_train = (time.perf_counter() - start) / (20 * images.shape[0])
+    return per_train, _time_eval(model, images, amp, eval_batch_size)
+
+
+def _time_eval(model, images, amp, eval_batch_size: int) -> float:
+    """Seconds per image of an evaluation batch."""
+    import time
+
+    import torch
+
+    device = images.device
     model.eval()
     batch = torch.randn(eval_batch_size, *images.shape[1:], device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -282,7 +302,7 @@ def _time_model(model, images, labels, amp, eval_batch_size: int) -> tuple[float
         start = time.perf_counter()
         model(batch)
         _sync(device)
-    return per_train, (time.perf_counter() - start) / eval_batch_size
+    return (time.perf_counter() - start) / eval_batch_size
 
 
 def _sync(device) -> None:
@@ -297,6 +317,8 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     """Plan, check and do (or describe) the sweep; returns the exit status."""
     grid = grid_from(args, yaml_values)
     problems = check_grid(grid)
+    if not problems:
+        problems += check_options(explicit, grid.methods)
     if args.estimate and not args.dry_run:
         problems.append("--estimate goes with --dry-run")
     shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
@@ -343,7 +365,7 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
              f" (shard {shard[0]}/{shard[1]} of {len(runs)})" if shard[1] > 1 else "",
              output_dir)
     outcome = run_sweep(mine, template_explicit=template_explicit, fail_fast=args.fail_fast,
-                        device=base.device, zero_shot_dir=output_dir / "zeroshot",
+                        device=base.device,
                         indexes={(name, base.root): index for name, index in indexes.items()})
     print(f"sweep: {len(outcome.done)} run(s) done now, {len(outcome.skipped)} done before, "
           f"{len(outcome.busy)} held by other processes, {len(outcome.failed)} failed")

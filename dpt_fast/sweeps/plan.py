@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dpt_fast.config import METHODS
+from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import RESUMABLE, config_diff
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
+from dpt_fast.methods import METHOD_NAMES, get_method
+from dpt_fast.methods.base import option_flags
 from dpt_fast.reports.summary import read_run_results
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
@@ -43,6 +45,7 @@ DEFAULT_SHOTS: dict[str, tuple[int, ...]] = {
 DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3)
 DEFAULT_METHODS: tuple[str, ...] = ("dpt",)
 DEFAULT_SOURCE = "imagenet"
+MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(DPTConfig))
 ERROR_FILE = "error.json"  # a failed run's error, written by the sweep (removed on success)
 
 RunState = Literal["done", "partial", "to do", "conflict"]
@@ -56,7 +59,7 @@ class SweepGrid:
     datasets: tuple[str, ...] = COOP_DATASETS  # trained on (few-shot, base2new)
     shots: tuple[int, ...] | None = None  # None: the protocol's (DEFAULT_SHOTS)
     seeds: tuple[int, ...] = DEFAULT_SEEDS  # one run per seed
-    methods: tuple[str, ...] = DEFAULT_METHODS  # method presets (DPTConfig.method)
+    methods: tuple[str, ...] = DEFAULT_METHODS  # registered methods (dpt_fast.methods)
     source: str = DEFAULT_SOURCE  # cross-dataset / dg: the dataset trained on
     targets: tuple[str, ...] | None = None  # cross-dataset / dg: None: the protocol's
 
@@ -123,18 +126,50 @@ def plan_runs(base: TrainConfig, explicit: frozenset[str], grid: SweepGrid,
     subsample = "base" if grid.protocol == "base2new" else "all"
     for dataset in grid.train_datasets():
         for method in grid.methods:
-            for shots in grid.shot_counts():
-                for seed in grid.seeds:
+            chosen = get_method(method)
+            # A method that reads no training image runs once per dataset: shots 0, the first
+            # seed (its result depends on neither).
+            shot_counts = grid.shot_counts() if chosen.uses_shots else (0,)
+            seeds = grid.seeds if chosen.uses_shots else grid.seeds[:1]
+            # The sweep's options that this method does not read: the field's default.
+            unread = frozenset(chosen.refused_options(explicit, MODEL_FIELDS))
+            method_base = _without(base, unread)
+            for shots in shot_counts:
+                for seed in seeds:
                     folder = output_dir / run_subpath(method, grid.protocol, dataset, shots, seed)
-                    model = dataclasses.replace(base.model, method=method)
+                    model = dataclasses.replace(method_base.model, method=method)
                     config = dataclasses.replace(
-                        base, dataset=dataset, shots=shots, seed=seed, subsample=subsample,
-                        output_dir=str(folder), resume=False, model=model)
+                        method_base, dataset=dataset, shots=shots, seed=seed,
+                        subsample=subsample, output_dir=str(folder), resume=False, model=model)
                     # The recipe's per-dataset and per-method values, as `train` applies them.
-                    config = apply_recipe(config, explicit)
+                    config = apply_recipe(config, explicit - unread)
                     runs.append(PlannedRun(method, dataset, shots, seed, grid.protocol, config,
                                            grid.target_datasets()))
     return runs
+
+
+def _without(config: TrainConfig, names: frozenset[str]) -> TrainConfig:
+    """``config`` with the run and model fields ``names`` at their defaults."""
+    if not names:
+        return config
+    run_defaults, model_defaults = TrainConfig(), DPTConfig()
+    model = dataclasses.replace(config.model, **{
+        name: getattr(model_defaults, name) for name in names if name in MODEL_FIELDS})
+    return dataclasses.replace(config, model=model, **{
+        name: getattr(run_defaults, name) for name in names if name not in MODEL_FIELDS})
+
+
+def check_options(explicit: frozenset[str], methods: tuple[str, ...]) -> list[str]:
+    """The sweep's options that none of its methods reads (refused: docs/methods.md)."""
+    known = [m for m in methods if m in METHOD_NAMES]
+    if not known:
+        return []
+    unread = set.intersection(*(set(get_method(m).refused_options(explicit, MODEL_FIELDS))
+                                for m in known))
+    if not unread:
+        return []
+    return [f"none of the methods {', '.join(known)} reads {option_flags(unread)}: drop "
+            f"{'it' if len(unread) == 1 else 'them'} (see docs/methods.md)"]
 
 
 def check_grid(grid: SweepGrid) -> list[str]:
@@ -152,11 +187,11 @@ def check_grid(grid: SweepGrid) -> list[str]:
     if test_only:
         problems.append(f"test-only dataset(s) {', '.join(test_only)} cannot be trained on "
                         "(use them as --targets of --protocol dg)")
-    bad_methods = [m for m in grid.methods if m not in METHODS]
+    bad_methods = [m for m in grid.methods if m not in METHOD_NAMES]
     if bad_methods:
         problems.append(f"unknown method(s) {', '.join(bad_methods)} (valid: "
-                        f"{', '.join(METHODS)})")
-    bad_shots = [k for k in grid.shot_counts() if k < 1]
+                        f"{', '.join(METHOD_NAMES)})")
+    bad_shots = [k for k in grid.shot_counts() if k < 1]  # zeroshot's 0 is set per run
     if bad_shots:
         problems.append(f"shots must be >= 1, got {', '.join(map(str, bad_shots))}")
     for name, values in (("datasets", grid.datasets), ("methods", grid.methods),

@@ -17,11 +17,10 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dpt_fast.engine.config import progress_settings
 from dpt_fast.engine.progress import Progress, elapsed_and_eta, format_duration
-from dpt_fast.engine.run import eval_in_session, run_in_session, zero_shot_in_session
+from dpt_fast.engine.run import eval_in_session, run_in_session
 from dpt_fast.engine.run_folder import LAST_CHECKPOINT, FolderLock
 from dpt_fast.engine.session import Session
 from dpt_fast.errors import RunFolderBusy, TrainingDiverged
@@ -61,14 +60,12 @@ def conflicts(runs: list[PlannedRun], template_explicit: bool) -> list[str]:
 
 
 def run_sweep(runs: list[PlannedRun], *, template_explicit: bool, fail_fast: bool = False,
-              device: str = "auto", zero_shot_dir: Path | None = None,
-              indexes: dict | None = None) -> SweepOutcome:
+              device: str = "auto", indexes: dict | None = None) -> SweepOutcome:
     """Do ``runs`` (this process's share of a sweep) one after the other in one session.
 
     A failed run is recorded (its folder's ``error.json``, the outcome) and the sweep goes on,
     unless ``fail_fast``. Ctrl-C stops at once; the interrupted run resumes next time.
-    ``zero_shot_dir``: where zero-shot CLIP's accuracy on each dataset of the few-shot runs is
-    written (``<dir>/<dataset>/zeroshot_<dataset>.json``, once; the report's 0-shot marker).
+    Zero-shot CLIP is a method of its own (``--methods zeroshot``): its runs are runs.
     ``indexes``: dataset indexes already read, by (dataset, root), for the session.
     """
     outcome = SweepOutcome()
@@ -81,8 +78,6 @@ def run_sweep(runs: list[PlannedRun], *, template_explicit: bool, fail_fast: boo
                             unit="runs", describe=lambda: _describe(outcome))
         with progress:
             for number, run in enumerate(runs, 1):
-                if zero_shot_dir is not None and run.protocol == "few-shot":
-                    _zero_shot_once(session, run, template_explicit, zero_shot_dir)
                 run_start = time.perf_counter()
                 status = _do_run(session, run, template_explicit, outcome)
                 if status == "failed" and fail_fast:
@@ -92,21 +87,6 @@ def run_sweep(runs: list[PlannedRun], *, template_explicit: bool, fail_fast: boo
                                              time.perf_counter() - run_start, started))
                 progress.update()
     return outcome
-
-
-def _zero_shot_once(session: Session, run: PlannedRun, template_explicit: bool,
-                    root: Path) -> None:
-    folder = root / run.dataset
-    if (folder / f"zeroshot_{run.dataset}.json").is_file():
-        return
-    config = dataclasses.replace(run.config, output_dir=str(folder))
-    try:
-        zero_shot_in_session(session, config, template_explicit, folder)
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # the table's marker only: the runs go on (and record their own
-        # failure, an unreadable image included)
-        log.warning("zero-shot CLIP on %s failed: %s", run.dataset, err)
 
 
 def _describe(outcome: SweepOutcome) -> dict[str, str]:

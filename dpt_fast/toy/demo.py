@@ -28,7 +28,6 @@ from dpt_fast.config import DPTConfig
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
 from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.recipe import TOY_MODEL, TOY_RUN, apply_recipe, recipe_model_values
-from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy import task
 from dpt_fast.toy.model import PRETRAINED_TAG, load_toy_backbone
 from dpt_fast.toy.options import (
@@ -39,6 +38,7 @@ from dpt_fast.toy.options import (
     DEFAULT_SHOTS,
     add_demo_arguments,
 )
+from dpt_fast.zero_shot import zero_shot_classifier
 
 # The toy recipe (``--recipe toy``: dpt_fast.engine.recipe, where its values are explained).
 # These names keep the values that benchmarks/toy_robustness.py records with its results.
@@ -58,8 +58,7 @@ def zero_shot_accuracy(clip: torch.nn.Module, items, classnames: list[str], temp
                        device: torch.device, batch_size: int = 100) -> float:
     """Top-1 accuracy (%) of CLIP with hand-crafted prompts on the records ``items``."""
     clip.eval()
-    tokens = ClipTokenizer()([template.format(name) for name in classnames]).to(device)
-    text = torch.nn.functional.normalize(clip.encode_text(tokens), dim=-1)
+    text = zero_shot_classifier(clip, classnames, template)  # zero-shot CLIP's classifier
     size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, tuple) \
         else clip.visual.image_size
     loader = DataLoader(ImageDataset(items, build_transforms(train=False, image_size=size)),
@@ -104,7 +103,9 @@ def run_method(config) -> dict:
     train_time = sum(train_images / h["images_per_s"] for h in history)
     return {"method": config.model.method, "seed": config.seed,
             "accuracy": results["test"]["accuracy"], "train_s": train_time, "wall_s": wall,
-            "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+            # a method without the SGD loop (zeroshot, linear_probe) has no epochs
+            "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)
+                             if history else None),
             "epoch_loss": [h["loss"] for h in history]}
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from dpt_fast.methods import METHOD_NAMES
+
 DEFAULT_OUTPUT_DIR = "runs/demo"
 DEFAULT_METHODS = ("coop", "vpt", "dpt")
-METHOD_CHOICES = ("coop", "vpt", "vlp", "dpt")
+METHOD_CHOICES = METHOD_NAMES  # every registered method runs through the engine
 DEFAULT_SHOTS = 16
 DEFAULT_EPOCHS = 12
 DEFAULT_SEEDS = (1,)
