@@ -6,6 +6,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <pthread.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
@@ -78,10 +79,14 @@ class TrackingAllocator final : public c10::Allocator {
   c10::Allocator* base_;
 };
 
-// Installed when the library loads (priority above PyTorch's default CPU allocator's).
+// Installed when the library loads (priority above PyTorch's default CPU allocator's), for the
+// rest of the process. A fork (DataLoader workers of later tests) while another thread holds the
+// registry's lock would leave it locked in the child: fork waits for it instead.
 const bool allocator_installed = [] {
   static TrackingAllocator tracker(c10::GetCPUAllocator());
   c10::SetCPUAllocator(&tracker, /*priority=*/100);
+  pthread_atfork([] { registry_mutex.lock(); }, [] { registry_mutex.unlock(); },
+                 [] { registry_mutex.unlock(); });
   return true;
 }();
 
