@@ -38,9 +38,11 @@ ROW_TILE = CLASS_AWARE_ATTENTION.cuda_fused_max_rows  # 16
 VECTOR = CLASS_AWARE_ATTENTION.cuda_fused_vector  # 4
 KEY_TILE = CLASS_AWARE_ATTENTION.cuda_backward_key_tile  # 32
 
-# Schedules: 0 runs the runnable threads in index order, the others permute them at every
-# barrier and shuffle (and permute the blocks).
-SEEDS = (0, 1, 2)
+# Schedules (csrc/cuda_emulation/cuda_emulation.h): 0 runs the runnable threads in rounds in
+# index order; 1 and 2 run rounds in permuted orders; 3 always runs the runnable thread of highest
+# priority (redrawn at each barrier), so one warp runs ahead of the others. Blocks run in an
+# order the seed permutes.
+SEEDS = (0, 1, 2, 3)
 
 # (B, K, M, dk, dv). Same as test_class_aware_attention.SHAPES where that is small; otherwise the
 # comment names the CUDA test's shape it stands for and why it exercises the same code.

@@ -2,10 +2,13 @@
 // on machines without a GPU (docs/cuda-emulation.md). This header is force-included (g++
 // -include) before the .cu sources; the rest of the runtime is in runtime.cpp. What it models:
 //
-//   * a grid of blocks run one after another; the threads of a block as fibers on one OS thread,
-//     switched at every __syncthreads() and warp shuffle, the order among runnable fibers permuted
-//     by a seed (set_schedule_seed): a missing barrier or a lane assumed in lockstep changes the
-//     result under some order, which the tests compare across seeds;
+//   * a grid of blocks run one after another (in an order the seed permutes); the threads of a
+//     block as fibers on one OS thread, switched at every __syncthreads() and warp shuffle. The
+//     schedule seed (cuda_emu_set_schedule) picks how they interleave: 0 runs the runnable
+//     threads in rounds in index order; a seed divisible by 3 always runs the runnable thread of
+//     highest priority, priorities permuted after each barrier, so one warp runs ahead of the
+//     others; other seeds run rounds in permuted orders. A missing barrier or a lane assumed in
+//     lockstep changes the result under some schedule, which the tests compare;
 //   * __shared__ arrays and dynamic shared memory per block, filled with NaN bytes (0xff) at the
 //     block's start so a read of an element nobody wrote shows up;
 //   * global pointers and shared arrays as bounds-checked views (CheckedPtr, SharedArray): an

@@ -6,6 +6,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <pthread.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
@@ -78,10 +79,14 @@ class TrackingAllocator final : public c10::Allocator {
   c10::Allocator* base_;
 };
 
-// Installed when the library loads (priority above PyTorch's default CPU allocator's).
+// Installed when the library loads (priority above PyTorch's default CPU allocator's), for the
+// rest of the process. A fork (DataLoader workers of later tests) while another thread holds the
+// registry's lock would leave it locked in the child: fork waits for it instead.
 const bool allocator_installed = [] {
   static TrackingAllocator tracker(c10::GetCPUAllocator());
   c10::SetCPUAllocator(&tracker, /*priority=*/100);
+  pthread_atfork([] { registry_mutex.lock(); }, [] { registry_mutex.unlock(); },
+                 [] { registry_mutex.unlock(); });
   return true;
 }();
 
@@ -306,7 +311,17 @@ std::string deadlock_report(const Launch& l) {
   return os.str();
 }
 
-void run_block(Launch& l, std::mt19937_64& rng) {
+// How a block's threads are interleaved (set_schedule's seed picks it; see cuda_emulation.h).
+enum class Mode { kInOrder, kRandomRounds, kRunAhead };
+
+Mode mode_for_seed(uint64_t seed) {
+  if (seed == 0) {
+    return Mode::kInOrder;
+  }
+  return seed % 3 == 0 ? Mode::kRunAhead : Mode::kRandomRounds;
+}
+
+void run_block(Launch& l, std::mt19937_64& rng, Mode mode) {
   const int n = static_cast<int>(l.block.x * l.block.y * l.block.z);
   l.fibers.assign(n, Fiber{});
   l.warps.assign((n + kWarpSize - 1) / kWarpSize, WarpSlot{});
@@ -326,8 +341,49 @@ void run_block(Launch& l, std::mt19937_64& rng) {
     f.state.grid_dim = l.grid;
     make_context(f.context, stacks[i].get(), kFiberStack, fiber_main);
   }
-  std::vector<int> order;
   int done = 0;
+  const auto run = [&](int i) {
+    Fiber& f = l.fibers[i];
+    f.wait = Wait::kNone;
+    fiber = &f;
+    current_thread = &f.state;
+    switch_context(l.scheduler, f.context);
+    fiber = nullptr;
+    current_thread = nullptr;
+    if (l.error) {
+      std::rethrow_exception(l.error);
+    }
+    if (f.wait == Wait::kDone) {
+      ++done;
+    }
+  };
+  if (mode == Mode::kRunAhead) {
+    // Always the runnable thread of highest priority, priorities drawn anew after each barrier:
+    // one warp runs as far as it can before the others start, so a read of another warp's
+    // result that no barrier orders finds it unwritten. (Rounds keep warps with the same number
+    // of shuffles abreast and can hide exactly that.)
+    std::vector<int> by_priority(n);
+    std::iota(by_priority.begin(), by_priority.end(), 0);
+    std::shuffle(by_priority.begin(), by_priority.end(), rng);
+    uint64_t barriers = l.barrier_generation;
+    for (uint64_t picks = 1; done < n; ++picks) {
+      if (l.barrier_generation != barriers) {
+        barriers = l.barrier_generation;
+        std::shuffle(by_priority.begin(), by_priority.end(), rng);
+      }
+      const auto next = std::find_if(by_priority.begin(), by_priority.end(),
+                                     [&](int i) { return can_run(l, l.fibers[i]); });
+      if (next == by_priority.end()) {
+        fail(deadlock_report(l));
+      }
+      run(*next);
+      if (picks % 4096 == 0) {
+        check_deadline();
+      }
+    }
+  }
+  // Rounds: every runnable thread runs once, in index order or an order the seed permutes.
+  std::vector<int> order;
   while (done < n) {
     order.clear();
     for (int i = 0; i < n; ++i) {
@@ -336,28 +392,14 @@ void run_block(Launch& l, std::mt19937_64& rng) {
       }
     }
     if (order.empty()) {
-      fiber = nullptr;
       fail(deadlock_report(l));
     }
-    if (schedule_seed != 0) {
+    if (mode == Mode::kRandomRounds) {
       std::shuffle(order.begin(), order.end(), rng);
     }
     for (const int i : order) {
-      Fiber& f = l.fibers[i];
-      if (!can_run(l, f)) {
-        continue;  // an earlier fiber of this round took the slot it was waiting for
-      }
-      f.wait = Wait::kNone;
-      fiber = &f;
-      current_thread = &f.state;
-      switch_context(l.scheduler, f.context);
-      fiber = nullptr;
-      current_thread = nullptr;
-      if (l.error) {
-        std::rethrow_exception(l.error);
-      }
-      if (f.wait == Wait::kDone) {
-        ++done;
+      if (can_run(l, l.fibers[i])) {  // an earlier thread of the round may have taken its slot
+        run(i);
       }
     }
     check_deadline();
@@ -603,7 +645,7 @@ void run_grid(const std::string& kernel, const void* kernel_id, dim3 grid, dim3 
     }
     for (const uint3& b : blocks) {
       l.block_idx = b;
-      run_block(l, rng);
+      run_block(l, rng, mode_for_seed(seed));
     }
   } catch (...) {
     launch = nullptr;
