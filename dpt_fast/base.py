@@ -106,6 +106,7 @@ class DPTBase(nn.Module):
     """
 
     handcrafted_text_features: torch.Tensor  # a buffer: (C, E), see __init__
+    _load_prefix: str  # this model's prefix in the state_dict being loaded (load_pre_hook)
 
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: DPTConfig | None = None, *, tokenizer: ClipTokenizer | None = None):

@@ -9,6 +9,7 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpt_fast.engine.config import TrainConfig
 from dpt_fast.engine.recipe import template_is_fixed
@@ -22,6 +23,11 @@ from dpt_fast.sweeps.plan import (
     run_state,
     shard_runs,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpt_fast.base import DPTBase
 
 log = logging.getLogger("dpt_fast")
 
@@ -265,7 +271,8 @@ def estimate_seconds(runs: list[PlannedRun], device_name: str
     return out
 
 
-def _time_model(model, images, labels, amp, eval_batch_size: int) -> tuple[float, float]:
+def _time_model(model: DPTBase, images: torch.Tensor, labels: torch.Tensor,
+                amp: torch.dtype | None, eval_batch_size: int) -> tuple[float, float]:
     """Seconds per image of a training step (20 timed after 2) and of an evaluation batch."""
     import time
 
@@ -301,7 +308,7 @@ def _time_model(model, images, labels, amp, eval_batch_size: int) -> tuple[float
     return per_train, (time.perf_counter() - start) / eval_batch_size
 
 
-def _sync(device) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":

@@ -21,10 +21,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
-from dpt_fast.config import METHODS
+from dpt_fast.config import METHODS, MethodName
 from dpt_fast.config_fields import RESUMABLE, config_diff
+from dpt_fast.data.fewshot import Subsample
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
@@ -126,9 +127,11 @@ def plan_runs(base: TrainConfig, explicit: frozenset[str], grid: SweepGrid,
             for shots in grid.shot_counts():
                 for seed in grid.seeds:
                     folder = output_dir / run_subpath(method, grid.protocol, dataset, shots, seed)
-                    model = dataclasses.replace(base.model, method=method)
+                    # grid.methods were checked against METHODS when the grid was read
+                    model = dataclasses.replace(base.model, method=cast(MethodName, method))
                     config = dataclasses.replace(
-                        base, dataset=dataset, shots=shots, seed=seed, subsample=subsample,
+                        base, dataset=dataset, shots=shots, seed=seed,
+                        subsample=cast(Subsample, subsample),
                         output_dir=str(folder), resume=False, model=model)
                     # The recipe's per-dataset and per-method values, as `train` applies them.
                     config = apply_recipe(config, explicit)
