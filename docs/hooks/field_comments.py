@@ -42,7 +42,8 @@ class FieldComments(Extension):
         comments = _comments("\n".join(lines))
         text = comments.get(attr.endlineno or attr.lineno)
         if text is None:  # the comment lines right above the field
-            above, line = [], attr.lineno - 1
+            above: list[str] = []
+            line = attr.lineno - 1
             while line in comments and lines[line - 1].lstrip().startswith("#"):
                 above.insert(0, comments[line])
                 line -= 1

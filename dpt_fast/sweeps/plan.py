@@ -21,15 +21,17 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from dpt_fast.config import METHODS, MethodName
 from dpt_fast.config_fields import RESUMABLE, config_diff
-from dpt_fast.data.fewshot import Subsample
 from dpt_fast.engine.config import TrainConfig, config_to_dict
 from dpt_fast.engine.recipe import apply_recipe
 from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FILE
 from dpt_fast.reports.summary import read_run_results
+
+if TYPE_CHECKING:
+    from dpt_fast.data.fewshot import Subsample  # dpt_fast.data imports torch
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
 PROTOCOLS: tuple[str, ...] = ("few-shot", "base2new", "cross-dataset", "dg")
@@ -131,7 +133,7 @@ def plan_runs(base: TrainConfig, explicit: frozenset[str], grid: SweepGrid,
                     model = dataclasses.replace(base.model, method=cast(MethodName, method))
                     config = dataclasses.replace(
                         base, dataset=dataset, shots=shots, seed=seed,
-                        subsample=cast(Subsample, subsample),
+                        subsample=cast("Subsample", subsample),
                         output_dir=str(folder), resume=False, model=model)
                     # The recipe's per-dataset and per-method values, as `train` applies them.
                     config = apply_recipe(config, explicit)
