@@ -129,7 +129,13 @@ AttentionSizes check_backward_inputs(const at::Tensor& grad_out, const at::Tenso
 
 }  // namespace dpt_fast
 
-TORCH_LIBRARY(dpt_fast, m) {
+// The op's schemas. The CPU emulation of the CUDA kernels (csrc/cuda_emulation) compiles this file
+// too and defines DPT_FAST_OPS_LIBRARY to declare them in its own namespace, dpt_fast_emulated.
+#ifndef DPT_FAST_OPS_LIBRARY
+#define DPT_FAST_OPS_LIBRARY(m) TORCH_LIBRARY(dpt_fast, m)
+#endif
+
+DPT_FAST_OPS_LIBRARY(m) {
   m.def(
       "class_aware_attention(Tensor q, Tensor k, Tensor v, float scale) "
       "-> (Tensor out, Tensor lse)",

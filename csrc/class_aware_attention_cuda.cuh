@@ -7,6 +7,14 @@
 // and v, dv (backward), and the launch count matters as much as bandwidth at small B; hence a few
 // fused kernels per pass, working on tiles of KT rows. Everything accumulates in float32 (float64
 // for float64 inputs); no atomics, so results are bitwise reproducible.
+//
+// One source for nvcc and for the CPU emulation of the kernels (csrc/cuda_emulation,
+// docs/cuda-emulation.md), which compiles these files with g++ and DPT_FAST_CUDA_EMULATION
+// defined: the kernels take global memory as GlobalPtr<T>, declare shared memory as
+// SharedArray<T, N...> and DPT_DYNAMIC_SHARED, make vector accesses through pack_at and are
+// launched by launch_kernel. Under nvcc these are plain pointers, arrays, reinterpret_cast and
+// <<<...>>>, token for token what the code spelled before; the emulation makes them bounds-checked
+// and runs the threads as fibers.
 #pragma once
 
 #include "class_aware_attention.h"
@@ -16,11 +24,51 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace dpt_fast::caa_cuda {
+
+#ifdef DPT_FAST_CUDA_EMULATION
+template <typename T>
+using GlobalPtr = cuda_emu::CheckedPtr<T>;
+template <typename T, int... N>
+using SharedArray = cuda_emu::SharedArray<T, N...>;
+#define DPT_DYNAMIC_SHARED(type, name) \
+  const cuda_emu::CheckedPtr<type> name = cuda_emu::dynamic_shared_array<type>()
+using cuda_emu::launch_kernel;
+#else
+// A kernel parameter pointing to global memory.
+template <typename T>
+using GlobalPtr = T*;
+
+// T[N0][N1]...: the type of a __shared__ array.
+template <typename T, int... N>
+struct ArrayOf;
+template <typename T>
+struct ArrayOf<T> {
+  using type = T;
+};
+template <typename T, int N0, int... N>
+struct ArrayOf<T, N0, N...> {
+  using type = typename ArrayOf<T, N...>::type[N0];
+};
+template <typename T, int... N>
+using SharedArray = typename ArrayOf<T, N...>::type;
+
+// The kernel's dynamic shared memory as `type name[]`.
+#define DPT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...): one launch syntax for both builds.
+template <auto kernel, typename... Args>
+void launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+}
+#endif
 
 inline constexpr int kWarpSize = 32;
 inline constexpr unsigned kFullMask = 0xffffffffu;
@@ -65,10 +113,27 @@ struct alignas(sizeof(T) * N) Pack {
   T val[N];
 };
 
+// The N elements at p (aligned to N elements) as one Pack, for one vector load or store.
+#ifdef DPT_FAST_CUDA_EMULATION
+template <int N, typename T>
+auto& pack_at(const cuda_emu::CheckedPtr<T>& p) {
+  using P = std::conditional_t<std::is_const_v<T>, const Pack<std::remove_const_t<T>, N>,
+                               Pack<T, N>>;
+  return cuda_emu::view_as<P>(p, N);
+}
+#else
+template <int N, typename T>
+__device__ __forceinline__ auto& pack_at(T* p) {
+  using P = std::conditional_t<std::is_const_v<T>, const Pack<std::remove_const_t<T>, N>,
+                               Pack<T, N>>;
+  return *reinterpret_cast<P*>(p);
+}
+#endif
+
 // Loads N consecutive scalar_t at src (aligned to N elements) as float.
 template <int N, typename scalar_t>
-__device__ __forceinline__ void load_as_float(const scalar_t* src, float (&dst)[N]) {
-  const Pack<scalar_t, N> pack = *reinterpret_cast<const Pack<scalar_t, N>*>(src);
+__device__ __forceinline__ void load_as_float(GlobalPtr<const scalar_t> src, float (&dst)[N]) {
+  const Pack<scalar_t, N> pack = pack_at<N>(src);
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     dst[e] = static_cast<float>(pack.val[e]);
@@ -77,13 +142,14 @@ __device__ __forceinline__ void load_as_float(const scalar_t* src, float (&dst)[
 
 // Stores N floats at dst (aligned to N elements) rounded to scalar_t.
 template <int N, typename scalar_t>
-__device__ __forceinline__ void store_from_float(scalar_t* dst, const float (&src)[N]) {
+__device__ __forceinline__ void store_from_float(GlobalPtr<scalar_t> dst,
+                                                 const float (&src)[N]) {
   Pack<scalar_t, N> pack;
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     pack.val[e] = static_cast<scalar_t>(src[e]);
   }
-  *reinterpret_cast<Pack<scalar_t, N>*>(dst) = pack;
+  pack_at<N>(dst) = pack;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,3 +212,9 @@ inline void check_launch_sizes(const AttentionSizes& s) {
 }
 
 }  // namespace dpt_fast::caa_cuda
+
+// Registers the op's CUDA kernels (the emulated build registers them as CPU kernels of its own
+// namespace, dpt_fast_emulated: see csrc/cuda_emulation/cuda_emulation.h).
+#ifndef DPT_FAST_CUDA_EMULATION
+#define DPT_FAST_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(dpt_fast, CUDA, m)
+#endif

@@ -22,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -54,9 +55,9 @@ constexpr size_t kDefaultSharedBytes = 48 * 1024;
 // grid ceil(rows / 8), block kRowDotThreads.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowDotThreads)
-    caa_row_dot_kernel(const scalar_t* __restrict__ a,  // (rows, n) grad_out
-                       const scalar_t* __restrict__ c,  // (rows, n) out
-                       acc_t* __restrict__ d,           // (rows,) out
+    caa_row_dot_kernel(GlobalPtr<const scalar_t> __restrict__ a,  // (rows, n) grad_out
+                       GlobalPtr<const scalar_t> __restrict__ c,  // (rows, n) out
+                       GlobalPtr<acc_t> __restrict__ d,           // (rows,) out
                        int64_t rows, int n) {
   const int64_t row =
       static_cast<int64_t>(blockIdx.x) * (kRowDotThreads / kWarpSize) + threadIdx.x / kWarpSize;
@@ -64,8 +65,8 @@ __global__ void __launch_bounds__(kRowDotThreads)
   if (row >= rows) {
     return;  // whole warp: the shuffles below stay convergent
   }
-  const scalar_t* a_row = a + row * n;
-  const scalar_t* c_row = c + row * n;
+  const auto a_row = a + row * n;
+  const auto c_row = c + row * n;
   acc_t sum = 0;
   for (int col = lane; col < n; col += kWarpSize) {
     sum += static_cast<acc_t>(a_row[col]) * static_cast<acc_t>(c_row[col]);
@@ -105,24 +106,24 @@ struct FusedBackwardSmem {
 // .ci/nvcc_check.py); with it, 96 registers and no spill.
 template <typename scalar_t, int KT>
 __global__ void __launch_bounds__(kBwdThreads, 1)
-    caa_backward_fused_kernel(const scalar_t* __restrict__ q,   // (B, K, dk)
-                              const scalar_t* __restrict__ k,   // (B, M, dk)
-                              const scalar_t* __restrict__ v,   // (B, M, dv)
-                              const scalar_t* __restrict__ go,  // (B, K, dv) grad_out
-                              const float* __restrict__ lse,    // (B, K)
-                              const float* __restrict__ dsum,   // (B, K) rowsum(grad_out ∘ out)
-                              scalar_t* __restrict__ grad_k,    // (B, M, dk) out
-                              scalar_t* __restrict__ grad_v,    // (B, M, dv) out
-                              float* __restrict__ dq_part,      // (B, nMT, K, dk) out: dq shares
+    caa_backward_fused_kernel(GlobalPtr<const scalar_t> __restrict__ q,   // (B, K, dk)
+                              GlobalPtr<const scalar_t> __restrict__ k,   // (B, M, dk)
+                              GlobalPtr<const scalar_t> __restrict__ v,   // (B, M, dv)
+                              GlobalPtr<const scalar_t> __restrict__ go,  // (B, K, dv) grad_out
+                              GlobalPtr<const float> __restrict__ lse,    // (B, K)
+                              GlobalPtr<const float> __restrict__ dsum,   // (B, K) rowsum(go ∘ out)
+                              GlobalPtr<scalar_t> __restrict__ grad_k,    // (B, M, dk) out
+                              GlobalPtr<scalar_t> __restrict__ grad_v,    // (B, M, dv) out
+                              GlobalPtr<float> __restrict__ dq_part,  // (B, nMT, K, dk) out: shares
                               int K, int M, int dk, int dv, float scale) {
-  extern __shared__ __align__(16) float smem[];
+  DPT_DYNAMIC_SHARED(float, smem);
   const FusedBackwardSmem layout(KT, dk, dv);
-  float* go_s = smem + layout.go;
-  float* q_s = smem + layout.q;
-  float* k_s = smem + layout.k;
-  float* ds_s = smem + layout.ds;
-  float* lse_s = smem + layout.lse;
-  float* d_s = smem + layout.d;
+  const auto go_s = smem + layout.go;
+  const auto q_s = smem + layout.q;
+  const auto k_s = smem + layout.k;
+  const auto ds_s = smem + layout.ds;
+  const auto lse_s = smem + layout.lse;
+  const auto d_s = smem + layout.d;
 
   const int b = blockIdx.x;
   const int key_tile = blockIdx.y;
@@ -163,8 +164,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       const int key = key0 + r0 + r;
       p_lane[r] = 0.f;
       if (lane < K && key < M) {
-        const float* q_row = q_s + lane * (dk + 1);
-        const float* k_row = k_s + (r0 + r) * dk;
+        const auto q_row = q_s + lane * (dk + 1);
+        const auto k_row = k_s + (r0 + r) * dk;
         float s = 0.f;
         for (int c = 0; c < dk; ++c) {
           s += q_row[c] * k_row[c];
@@ -191,8 +192,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
       }
 #pragma unroll
       for (int j = 0; j < KT; ++j) {
-        const Pack<float, kBwdVec> g =
-            *reinterpret_cast<const Pack<float, kBwdVec>*>(go_s + j * dv + c0);
+        const Pack<float, kBwdVec> g = pack_at<kBwdVec>(go_s + j * dv + c0);
 #pragma unroll
         for (int r = 0; r < kBwdRowsPerWarp; ++r) {
 #pragma unroll
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
   __syncthreads();
 
   // 4. This block's share of dq = dS · k over its keys (summed by caa_dq_reduce_kernel).
-  float* dq_block = dq_part + (static_cast<int64_t>(b) * n_key_tiles + key_tile) * K * dk;
+  const auto dq_block = dq_part + (static_cast<int64_t>(b) * n_key_tiles + key_tile) * K * dk;
   for (int e = tid; e < K * dk; e += kBwdThreads) {
     const int j = e / dk;
     const int c = e % dk;
@@ -261,8 +261,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
 // dq = sum over key tiles of dq_part, in tile order. grid ceil(B·K·dk / 256), block 256.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    caa_dq_reduce_kernel(const float* __restrict__ dq_part,  // (B, nMT, K·dk)
-                         scalar_t* __restrict__ grad_q,      // (B, K·dk) out
+    caa_dq_reduce_kernel(GlobalPtr<const float> __restrict__ dq_part,  // (B, nMT, K·dk)
+                         GlobalPtr<scalar_t> __restrict__ grad_q,      // (B, K·dk) out
                          int64_t batch, int n_key_tiles, int row_elems) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x;
   if (e >= batch * row_elems) {
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
   const int64_t b = e / row_elems;
   const int64_t within = e % row_elems;
-  const float* part = dq_part + b * n_key_tiles * row_elems + within;
+  const auto part = dq_part + b * n_key_tiles * row_elems + within;
   float sum = 0.f;
   for (int t = 0; t < n_key_tiles; ++t) {
     sum += part[static_cast<int64_t>(t) * row_elems];
@@ -282,10 +282,10 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 // dS = scale · P ∘ (dP − D), written over s and dp in place.
 template <typename acc_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    caa_softmax_grad_kernel(acc_t* __restrict__ s,          // (B·K, M) in: q kᵀ; out: P
-                            acc_t* __restrict__ dp,         // (B·K, M) in: grad_out vᵀ; out: dS
-                            const acc_t* __restrict__ lse,  // (B·K,)
-                            const acc_t* __restrict__ dsum, // (B·K,) rowsum(grad_out ∘ out)
+    caa_softmax_grad_kernel(GlobalPtr<acc_t> __restrict__ s,    // (B·K, M) in: q kᵀ; out: P
+                            GlobalPtr<acc_t> __restrict__ dp,   // (B·K, M) in: go vᵀ; out: dS
+                            GlobalPtr<const acc_t> __restrict__ lse,   // (B·K,)
+                            GlobalPtr<const acc_t> __restrict__ dsum,  // (B·K,) rowsum(go ∘ out)
                             int64_t numel, int M, acc_t scale) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x;
   if (e >= numel) {
@@ -353,15 +353,15 @@ void backward_fused(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   at::Tensor dq_part = at::empty({s.B, n_key_tiles, s.K, s.dk}, q.options().dtype(at::kFloat));
   dispatch_row_tile(s.K, [&](auto kt) {
     constexpr int KT = decltype(kt)::value;
-    const auto kernel = caa_backward_fused_kernel<scalar_t, KT>;
     if (smem_bytes > kDefaultSharedBytes) {
       allow_optin_shared_memory<scalar_t, KT>(device);
     }
     const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(n_key_tiles));
-    kernel<<<grid, kBwdThreads, smem_bytes, stream>>>(
-        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-        v.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
-        lse.const_data_ptr<float>(), dsum.const_data_ptr<float>(),
+    launch_kernel<caa_backward_fused_kernel<scalar_t, KT>>(
+        grid, kBwdThreads, smem_bytes, stream, q.const_data_ptr<scalar_t>(),
+        k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+        grad_out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
+        dsum.const_data_ptr<float>(),
         grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
         dq_part.mutable_data_ptr<float>(), static_cast<int>(s.K), static_cast<int>(s.M),
         static_cast<int>(s.dk), static_cast<int>(s.dv), static_cast<float>(scale));
@@ -369,10 +369,10 @@ void backward_fused(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   });
   const int64_t numel = s.B * s.K * s.dk;
   if (numel > 0) {
-    caa_dq_reduce_kernel<scalar_t>
-        <<<static_cast<unsigned>(ceil_div(numel, kElementwiseThreads)), kElementwiseThreads, 0,
-           stream>>>(dq_part.const_data_ptr<float>(), grad_q.mutable_data_ptr<scalar_t>(), s.B,
-                     static_cast<int>(n_key_tiles), static_cast<int>(s.K * s.dk));
+    launch_kernel<caa_dq_reduce_kernel<scalar_t>>(
+        static_cast<unsigned>(ceil_div(numel, kElementwiseThreads)), kElementwiseThreads, 0,
+        stream, dq_part.const_data_ptr<float>(), grad_q.mutable_data_ptr<scalar_t>(), s.B,
+        static_cast<int>(n_key_tiles), static_cast<int>(s.K * s.dk));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -391,11 +391,11 @@ void backward_general(const at::Tensor& grad_out, const at::Tensor& q, const at:
   at::Tensor probs = at::bmm(qf, kf.transpose(1, 2));             // (B, K, M): scores for now
   at::Tensor dscores = at::bmm(gof, v.to(acc).transpose(1, 2));  // (B, K, M): dP for now
   const int64_t numel = probs.numel();
-  caa_softmax_grad_kernel<acc_t>
-      <<<static_cast<unsigned>(ceil_div(numel, kElementwiseThreads)), kElementwiseThreads, 0,
-         stream>>>(probs.mutable_data_ptr<acc_t>(), dscores.mutable_data_ptr<acc_t>(),
-                   lse.const_data_ptr<acc_t>(), dsum.const_data_ptr<acc_t>(), numel,
-                   static_cast<int>(s.M), static_cast<acc_t>(scale));
+  launch_kernel<caa_softmax_grad_kernel<acc_t>>(
+      static_cast<unsigned>(ceil_div(numel, kElementwiseThreads)), kElementwiseThreads, 0,
+      stream, probs.mutable_data_ptr<acc_t>(), dscores.mutable_data_ptr<acc_t>(),
+      lse.const_data_ptr<acc_t>(), dsum.const_data_ptr<acc_t>(), numel, static_cast<int>(s.M),
+      static_cast<acc_t>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   grad_v.copy_(at::bmm(probs.transpose(1, 2), gof));
   grad_q.copy_(at::bmm(dscores, kf));
@@ -412,14 +412,14 @@ void backward_cuda_typed(const at::Tensor& grad_out, const at::Tensor& q, const 
   at::Tensor dsum = at::empty({s.B, s.K}, lse.options());
   const int64_t rows = s.B * s.K;
   constexpr int64_t kRowsPerBlock = kRowDotThreads / kWarpSize;
-  caa_row_dot_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)), kRowDotThreads, 0, stream>>>(
-          grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-          dsum.mutable_data_ptr<acc_t>(), rows, static_cast<int>(s.dv));
+  launch_kernel<caa_row_dot_kernel<scalar_t, acc_t>>(
+      static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)), kRowDotThreads, 0, stream,
+      grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+      dsum.mutable_data_ptr<acc_t>(), rows, static_cast<int>(s.dv));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (std::is_same_v<acc_t, float>) {  // the fused kernel works in float32
     size_t smem_bytes = 0;
-    const int device = q.get_device();
+    const int device = c10::cuda::current_device();  // q's, under the CUDAGuard
     if (is_fused_dtype(q.scalar_type()) &&
         fused_backward_fits(v, grad_out, grad_v, s, device, &smem_bytes)) {
       backward_fused<scalar_t>(grad_out, q, k, v, lse, dsum, scale, s, device, smem_bytes,
@@ -465,6 +465,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }  // namespace
 }  // namespace dpt_fast::caa_cuda
 
-TORCH_LIBRARY_IMPL(dpt_fast, CUDA, m) {
+DPT_FAST_CUDA_KERNELS(m) {
   m.impl("class_aware_attention_backward", &dpt_fast::caa_cuda::backward_cuda);
 }

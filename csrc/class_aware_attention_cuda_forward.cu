@@ -49,16 +49,17 @@ constexpr int kPvCols = kWarpSize * kPvVec;
 // KT rows; row statistics are merged across the block at the end.
 template <typename scalar_t, typename acc_t, int KT>
 __global__ void __launch_bounds__(kScoreThreads)
-    caa_softmax_lse_kernel(const scalar_t* __restrict__ q,  // (B, K, dk)
-                           const scalar_t* __restrict__ k,  // (B, M, dk)
-                           acc_t* __restrict__ p,           // (B, nT, M, KT) out: P, 0 for rows >= K
-                           acc_t* __restrict__ lse,         // (B, K) out
+    caa_softmax_lse_kernel(GlobalPtr<const scalar_t> __restrict__ q,  // (B, K, dk)
+                           GlobalPtr<const scalar_t> __restrict__ k,  // (B, M, dk)
+                           GlobalPtr<acc_t> __restrict__ p,    // (B, nT, M, KT) out: P, 0 rows >= K
+                           GlobalPtr<acc_t> __restrict__ lse,  // (B, K) out
                            int K, int M, int dk, acc_t scale) {
-  __shared__ acc_t q_s[kScoreDepth][KT];                 // q slice, transposed: [c][j]
-  __shared__ acc_t k_s[kScoreThreads][kScoreDepth + 1];  // +1: thread t reads row t conflict-free
-  __shared__ acc_t warp_max[kScoreWarps][KT];
-  __shared__ acc_t warp_sum_exp[kScoreWarps][KT];
-  __shared__ acc_t lse_s[KT];
+  __shared__ SharedArray<acc_t, kScoreDepth, KT> q_s;  // q slice, transposed: [c][j]
+  // +1: thread t reads row t conflict-free
+  __shared__ SharedArray<acc_t, kScoreThreads, kScoreDepth + 1> k_s;
+  __shared__ SharedArray<acc_t, kScoreWarps, KT> warp_max;
+  __shared__ SharedArray<acc_t, kScoreWarps, KT> warp_sum_exp;
+  __shared__ SharedArray<acc_t, KT> lse_s;
 
   const int b = blockIdx.x;
   const int tile = blockIdx.y;
@@ -66,9 +67,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int row0 = tile * KT;
   const int rows = min(KT, K - row0);
   const int tid = threadIdx.x;
-  const scalar_t* q_rows = q + (static_cast<int64_t>(b) * K + row0) * dk;  // (rows, dk)
-  const scalar_t* k_b = k + static_cast<int64_t>(b) * M * dk;             // (M, dk)
-  acc_t* p_tile = p + (static_cast<int64_t>(b) * n_tiles + tile) * M * KT;  // (M, KT)
+  const auto q_rows = q + (static_cast<int64_t>(b) * K + row0) * dk;       // (rows, dk)
+  const auto k_b = k + static_cast<int64_t>(b) * M * dk;                   // (M, dk)
+  const auto p_tile = p + (static_cast<int64_t>(b) * n_tiles + tile) * M * KT;  // (M, KT)
 
   acc_t run_max[KT];
   acc_t run_sum[KT];
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(kScoreThreads)
       }
     }
     if (key < M) {
-      acc_t* p_key = p_tile + static_cast<int64_t>(key) * KT;
+      const auto p_key = p_tile + static_cast<int64_t>(key) * KT;
 #pragma unroll
       for (int j = 0; j < KT; ++j) {
         s[j] *= scale;
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 
   // Each thread exponentiates the scores it wrote itself (same keys as above): no sync needed.
   for (int key = tid; key < M; key += kScoreThreads) {
-    acc_t* p_key = p_tile + static_cast<int64_t>(key) * KT;
+    const auto p_key = p_tile + static_cast<int64_t>(key) * KT;
 #pragma unroll
     for (int j = 0; j < KT; ++j) {
       p_key[j] = j < rows ? acc_exp(p_key[j] - lse_s[j]) : acc_t(0);
@@ -167,12 +168,12 @@ __global__ void __launch_bounds__(kScoreThreads)
 // [l·kPvVec, (l+1)·kPvVec) of the block's slice for all KT rows.
 template <typename scalar_t, int KT>
 __global__ void __launch_bounds__(kPvThreads)
-    caa_pv_kernel(const float* __restrict__ p,     // (B, nT, M, KT) probabilities
-                  const scalar_t* __restrict__ v,  // (B, M, dv)
-                  scalar_t* __restrict__ out,      // (B, K, dv) out
+    caa_pv_kernel(GlobalPtr<const float> __restrict__ p,     // (B, nT, M, KT) probabilities
+                  GlobalPtr<const scalar_t> __restrict__ v,  // (B, M, dv)
+                  GlobalPtr<scalar_t> __restrict__ out,      // (B, K, dv) out
                   int K, int M, int dv) {
   // Partial sums of warps 4..7, then 0..3: [warp % 4][row][column of the block's slice].
-  __shared__ __align__(16) float partial[kPvWarps / 2][KT][kPvCols];
+  __shared__ __align__(16) SharedArray<float, kPvWarps / 2, KT, kPvCols> partial;
 
   const int b = blockIdx.x;
   const int tile = blockIdx.y;
@@ -182,18 +183,18 @@ __global__ void __launch_bounds__(kPvThreads)
   const int lane = threadIdx.x % kWarpSize;
   const int col = col0 + lane * kPvVec;
   const bool has_cols = col < dv;  // dv % kPvVec == 0: the lane's kPvVec columns all exist
-  const float* p_tile = p + (static_cast<int64_t>(b) * n_tiles + tile) * M * KT;  // (M, KT)
-  const scalar_t* v_b = v + static_cast<int64_t>(b) * M * dv;                      // (M, dv)
+  const auto p_tile = p + (static_cast<int64_t>(b) * n_tiles + tile) * M * KT;  // (M, KT)
+  const auto v_b = v + static_cast<int64_t>(b) * M * dv;                        // (M, dv)
 
   float acc[KT][kPvVec] = {};
   // Not unrolled: unrolled by 2, <float, 8> spilled on sm_80 (nvcc 13.0, .ci/nvcc_check.py).
 #pragma unroll 1
   for (int key = warp; key < M; key += kPvWarps) {
     float pk[KT];  // the same KT floats for the whole warp: broadcast loads
-    const float* p_key = p_tile + static_cast<int64_t>(key) * KT;
+    const auto p_key = p_tile + static_cast<int64_t>(key) * KT;
 #pragma unroll
     for (int j = 0; j < KT; j += 4) {  // KT % 4 == 0 and p_key is 16-byte aligned
-      const Pack<float, 4> quad = *reinterpret_cast<const Pack<float, 4>*>(p_key + j);
+      const Pack<float, 4> quad = pack_at<4>(p_key + j);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         pk[j + e] = quad.val[e];
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kPvThreads)
       for (int e = 0; e < kPvVec; ++e) {
         pack.val[e] = acc[j][e];
       }
-      *reinterpret_cast<Pack<float, kPvVec>*>(&partial[warp - kHalf][j][lane * kPvVec]) = pack;
+      pack_at<kPvVec>(partial[warp - kHalf][j] + lane * kPvVec) = pack;
     }
   }
   __syncthreads();
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kPvThreads)
   }
   __syncthreads();
   const int row0 = tile * KT;
-  scalar_t* out_rows = out + (static_cast<int64_t>(b) * K + row0) * dv;  // (rows, dv)
+  const auto out_rows = out + (static_cast<int64_t>(b) * K + row0) * dv;  // (rows, dv)
   for (int e = threadIdx.x; e < KT * kPvCols; e += kPvThreads) {
     const int j = e / kPvCols;
     const int c = e % kPvCols;
@@ -259,10 +260,10 @@ at::Tensor launch_softmax_lse(const at::Tensor& q, const at::Tensor& k, at::Tens
   const int64_t n_tiles = ceil_div(s.K, KT);
   at::Tensor p = at::empty({s.B, n_tiles, s.M, KT}, q.options().dtype(lse.scalar_type()));
   const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(n_tiles));
-  caa_softmax_lse_kernel<scalar_t, acc_t, KT><<<grid, kScoreThreads, 0, stream>>>(
-      q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), p.mutable_data_ptr<acc_t>(),
-      lse.mutable_data_ptr<acc_t>(), static_cast<int>(s.K), static_cast<int>(s.M),
-      static_cast<int>(s.dk), static_cast<acc_t>(scale));
+  launch_kernel<caa_softmax_lse_kernel<scalar_t, acc_t, KT>>(
+      grid, kScoreThreads, 0, stream, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+      p.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), static_cast<int>(s.K),
+      static_cast<int>(s.M), static_cast<int>(s.dk), static_cast<acc_t>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p;
 }
@@ -294,8 +295,8 @@ void forward_cuda_typed(const at::Tensor& q, const at::Tensor& k, const at::Tens
       if (vectorizable) {
         const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(p.size(1)),
                         static_cast<unsigned>(ceil_div(s.dv, kPvCols)));
-        caa_pv_kernel<scalar_t, KT><<<grid, kPvThreads, 0, stream>>>(
-            p.const_data_ptr<float>(), v.const_data_ptr<scalar_t>(),
+        launch_kernel<caa_pv_kernel<scalar_t, KT>>(
+            grid, kPvThreads, 0, stream, p.const_data_ptr<float>(), v.const_data_ptr<scalar_t>(),
             out.mutable_data_ptr<scalar_t>(), static_cast<int>(s.K), static_cast<int>(s.M),
             static_cast<int>(s.dv));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -330,6 +331,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 }  // namespace
 }  // namespace dpt_fast::caa_cuda
 
-TORCH_LIBRARY_IMPL(dpt_fast, CUDA, m) {
+DPT_FAST_CUDA_KERNELS(m) {
   m.impl("class_aware_attention", &dpt_fast::caa_cuda::forward_cuda);
 }

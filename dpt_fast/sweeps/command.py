@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,18 @@ from dpt_fast.sweeps.plan import (
     run_state,
     shard_runs,
 )
+from dpt_fast.sweeps.slurm import (
+    DEFAULT_CPUS,
+    DEFAULT_SHARDS,
+    DEFAULT_TIME,
+    PLAN_ONLY_FLAGS,
+    SLURM_OPTIONS,
+    SlurmJob,
+    check_slurm_time,
+    command_without,
+    resolve_gpus,
+    write_slurm_script,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +46,6 @@ log = logging.getLogger("dpt_fast")
 GRID_KEYS = ("datasets", "shots", "seeds", "methods", "protocol", "source", "targets")
 # TrainConfig / DPTConfig fields the grid sets per run: not flags of `sweep`.
 PER_RUN_FIELDS = frozenset({"dataset", "shots", "seed", "method", "subsample", "resume"})
-DEFAULT_SLURM_SHARDS = 8
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,15 +82,17 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     slurm = parser.add_argument_group("SLURM")
     slurm.add_argument("--emit-slurm", type=Path, metavar="JOB.sh",
                        help="write a SLURM array script (one array task per shard) and stop")
-    slurm.add_argument("--slurm-shards", type=int, default=DEFAULT_SLURM_SHARDS,
-                       help=f"array tasks (default: {DEFAULT_SLURM_SHARDS}, at most the runs)")
-    slurm.add_argument("--slurm-gpus", type=int, default=1,
-                       help="GPUs per array task; more than 1 runs each shard with torchrun "
-                            "(DDP) (default: 1)")
-    slurm.add_argument("--slurm-cpus", type=int, default=8,
-                       help="CPU cores per array task (default: 8)")
-    slurm.add_argument("--slurm-time", default="24:00:00", help="time limit per array task "
-                       "(default: 24:00:00)")
+    slurm.add_argument("--slurm-shards", type=int, default=DEFAULT_SHARDS,
+                       help=f"array tasks (default: {DEFAULT_SHARDS}, at most the runs)")
+    slurm.add_argument("--slurm-gpus", type=int, default=None,
+                       help="GPUs per array task; 0 asks for none (CPU clusters and "
+                            "partitions); more than 1 runs each shard with torchrun (DDP) "
+                            "(default: 0 with --device cpu, else 1)")
+    slurm.add_argument("--slurm-cpus", type=int, default=DEFAULT_CPUS,
+                       help=f"CPU cores per array task (default: {DEFAULT_CPUS})")
+    slurm.add_argument("--slurm-time", default=DEFAULT_TIME, help="time limit per array task: "
+                       "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+                       f"(default: {DEFAULT_TIME})")
     slurm.add_argument("--slurm-partition", default=None, help="partition (default: the "
                        "cluster's)")
 
@@ -182,59 +194,15 @@ def describe_plan(runs: list[PlannedRun], template_explicit: bool, indexes: dict
     return "\n".join(lines)
 
 
-def emit_slurm(path: Path, argv: list[str], args: argparse.Namespace, n_runs: int,
+def emit_slurm(path: Path, argv: list[str], job: SlurmJob, n_runs: int,
                output_dir: Path) -> int:
-    """Write a SLURM array script running this sweep, one array task per shard."""
-    shards = max(1, min(args.slurm_shards, n_runs))
-    command = _command_without(argv, {"--emit-slurm", "--slurm-shards", "--slurm-gpus",
-                                      "--slurm-cpus", "--slurm-time", "--slurm-partition",
-                                      "--shard"}, {"--dry-run", "--estimate"})
-    if args.slurm_gpus > 1:
-        launcher = f"torchrun --standalone --nproc_per_node={args.slurm_gpus} -m dpt_fast"
-    else:
-        launcher = "dpt-fast"
-    lines = ["#!/bin/bash",
-             f"# {n_runs} runs of `dpt-fast sweep` in {shards} array tasks; submit with",
-             f"#   sbatch {path}",
-             "# Rerunning it (or one task) skips finished runs and resumes interrupted ones.",
-             "#SBATCH --job-name=dpt-fast-sweep",
-             f"#SBATCH --array=0-{shards - 1}",
-             "#SBATCH --ntasks=1",
-             f"#SBATCH --gpus-per-task={args.slurm_gpus}",
-             f"#SBATCH --cpus-per-task={args.slurm_cpus}",
-             f"#SBATCH --time={args.slurm_time}",
-             f"#SBATCH --output={output_dir / 'slurm'}/%A_%a.log"]
-    if args.slurm_partition:
-        lines.append(f"#SBATCH --partition={args.slurm_partition}")
-    lines += ["set -euo pipefail",
-              f"mkdir -p {shlex.quote(str(output_dir / 'slurm'))}",
-              f"srun {launcher} sweep {shlex.join(command)} \\",
-              # The count is written here, not read from SLURM: resubmitting one task
-              # (sbatch --array=3 job.sh) must keep the same slicing.
-              f"    --shard \"${{SLURM_ARRAY_TASK_ID}}/{shards}\"", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    path.chmod(0o755)
-    print(f"wrote {path}: {shards} array tasks for {n_runs} runs; submit with `sbatch {path}`")
+    """Write the SLURM array script running this sweep (:mod:`dpt_fast.sweeps.slurm`)."""
+    command = command_without(argv, SLURM_OPTIONS, PLAN_ONLY_FLAGS)
+    script = write_slurm_script(path, job, command, n_runs, output_dir)
+    print(f"wrote {script}: {job.shards} array tasks for {n_runs} runs"
+          f"{f', {job.gpus} GPU(s) each' if job.gpus else ', no GPU'}; submit with "
+          f"`sbatch {script}` (from any folder)")
     return 0
-
-
-def _command_without(argv: list[str], with_value: set[str], flags: set[str]) -> list[str]:
-    """``argv`` after the ``sweep`` word, less the named options (and their values)."""
-    args = argv[argv.index("sweep") + 1:] if "sweep" in argv else list(argv)
-    kept, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in with_value:
-            skip = "=" not in arg
-            continue
-        if name in flags:
-            continue
-        kept.append(arg)
-    return kept
 
 
 def estimate_seconds(runs: list[PlannedRun], device_name: str
@@ -323,8 +291,12 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
     if args.estimate and not args.dry_run:
         problems.append("--estimate goes with --dry-run")
     shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
-    if args.slurm_shards < 1 or args.slurm_gpus < 1 or args.slurm_cpus < 1:
-        problems.append("--slurm-shards, --slurm-gpus and --slurm-cpus must be >= 1")
+    if args.slurm_shards < 1 or args.slurm_cpus < 1:
+        problems.append("--slurm-shards and --slurm-cpus must be >= 1")
+    gpus, gpu_problems = resolve_gpus(args.slurm_gpus, base.device, "device" in explicit)
+    time_problem = check_slurm_time(args.slurm_time)
+    if args.emit_slurm is not None:
+        problems += gpu_problems + ([time_problem] if time_problem else [])
     if problems:
         raise ValueError("; ".join(problems))
     output_dir = Path(base.output_dir)
@@ -342,7 +314,10 @@ def sweep_main(args: argparse.Namespace, base: TrainConfig, explicit: frozenset[
                          f"{', '.join(clashing[:5])}{' ...' if len(clashing) > 5 else ''}; "
                          "choose another --output-dir or the settings they were run with")
     if args.emit_slurm is not None:
-        return emit_slurm(args.emit_slurm, argv, args, len(runs), output_dir)
+        job = SlurmJob(shards=max(1, min(args.slurm_shards, len(runs))), gpus=gpus,
+                       cpus=args.slurm_cpus, time=args.slurm_time,
+                       partition=args.slurm_partition)
+        return emit_slurm(args.emit_slurm, argv, job, len(runs), output_dir)
     mine = shard_runs(runs, *shard)
     if args.dry_run:
         seconds = estimate_seconds(mine, base.device) if args.estimate else None
