@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The check on a lent GPU machine (README "GPU check"), in steps that two calls of the device
+# The check on a lent GPU machine (docs/gpu-check.md), in steps that two calls of the device
 # tool share:
 #
 #   bash benchmarks/gpu_check.sh build tests   # call 1: build and install, CUDA tests

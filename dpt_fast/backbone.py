@@ -26,6 +26,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -254,6 +255,7 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
         with _no_random_init_warning():  # the weights come next, or are meant to be random
             clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
         if load_weights:
+            assert spec.pretrained is not None  # OpenAI's formats are files
             _load_openai_weights(clip, spec.pretrained)
         clip = clip.to(device)
     elif spec.weights == "file":
@@ -261,6 +263,7 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
         # create_model(pretrained=path) would), so that a failure is known to be the file's.
         with _no_random_init_warning():
             clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+        assert spec.pretrained is not None  # weights "file" name one
         _load_weights_file(clip, spec.pretrained)
         clip = clip.to(device)
     else:
@@ -269,7 +272,7 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
 
 
 @contextlib.contextmanager
-def _no_random_init_warning():
+def _no_random_init_warning() -> Iterator[None]:
     """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (root logger)
     while it builds a model whose weights are loaded right after."""
     def keep(record: logging.LogRecord) -> bool:
@@ -376,7 +379,7 @@ def _why_not_loadable(path: str, err: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_protocol_warning():
+def _quiet_protocol_warning() -> Iterator[None]:
     """Hide torch's warning that a pickle's protocol is not torch.save's: the error that
     follows for such a file says what is wrong in terms of the file."""
     with warnings.catch_warnings():

@@ -8,7 +8,8 @@ logits, the objective, ``state_dict`` and checkpoint loading — lives here once
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from dpt_fast import official
 from dpt_fast.clip_interop import (
     ClipGeometry,
+    OpenClipModule,
     clip_geometry,
     run_block,
     vision_embed,
@@ -39,6 +41,10 @@ from dpt_fast.state_dict_meta import (
 )
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.zero_shot import zero_shot_classifier
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
+    from typing_extensions import Self
 
 
 def _check_classnames(classnames: Sequence[str]) -> list[str]:
@@ -99,6 +105,9 @@ class DPTBase(nn.Module):
     default) refuses a state_dict of other classes or another config and names the difference.
     """
 
+    handcrafted_text_features: torch.Tensor  # a buffer: (C, E), see __init__
+    _load_prefix: str  # this model's prefix in the state_dict being loaded (load_pre_hook)
+
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: DPTConfig | None = None, *, tokenizer: ClipTokenizer | None = None):
         super().__init__()
@@ -111,7 +120,7 @@ class DPTBase(nn.Module):
         geo, spec = self.geometry, config.spec
 
         clip.requires_grad_(False)
-        self.clip = clip.eval()
+        self.clip: OpenClipModule = clip.eval()
 
         if spec.class_aware_prompts:
             start = config.cavpt_start_layer or geo.vision_layers
@@ -145,7 +154,8 @@ class DPTBase(nn.Module):
                              persistent=False)
 
         self.text_prompts = (
-            TextPrompts(clip.token_embedding, tokenizer, self.classnames, config, dtype)
+            TextPrompts(cast(nn.Embedding, clip.token_embedding), tokenizer, self.classnames,
+                        config, dtype)
             if spec.text_prompts else None
         )
         self.visual_prompts = (
@@ -159,7 +169,7 @@ class DPTBase(nn.Module):
             if spec.class_aware_prompts else None
         )
         # The run's TrainConfig (a dict) when the model comes from a checkpoint.
-        self.train_config: dict | None = None
+        self.train_config: dict[str, Any] | None = None
         self.register_state_dict_post_hook(state_dict_post_hook)
         self.register_load_state_dict_pre_hook(load_pre_hook)
         self.register_load_state_dict_post_hook(load_post_hook)
@@ -169,7 +179,7 @@ class DPTBase(nn.Module):
     def n_classes(self) -> int:
         return len(self.classnames)
 
-    def train(self, mode: bool = True) -> DPTBase:
+    def train(self, mode: bool = True) -> Self:
         super().train(mode)
         self.clip.eval()  # the frozen CLIP never trains (no patch dropout, no dropout)
         return self
@@ -254,6 +264,8 @@ class DPTBase(nn.Module):
 
         indices = class_text = None
         if spec.class_aware_prompts:
+            # CAVPT methods learn text prompts, and uses_frozen_image holds for them
+            assert frozen is not None and text is not None
             with torch.no_grad():
                 selection = scale * frozen @ handcrafted.t()  # (B, C)
                 indices = selection.topk(self.top_k, dim=-1).indices  # (B, K), best first
@@ -264,6 +276,7 @@ class DPTBase(nn.Module):
         out = DPTOutput(logits=scale * image_n @ text_n.t(), layer_logits=layer_logits,
                         topk_indices=indices)
         if spec.guidance:
+            assert frozen is not None  # uses_frozen_image holds for guided methods
             out.logits_zeroshot_image = scale * frozen @ text_n.t()
             out.logits_handcrafted_text = scale * image_n @ handcrafted.t()
         return out
@@ -280,7 +293,7 @@ class DPTBase(nn.Module):
 
     # ----------------------------------------------------------------------------- using
     @torch.no_grad()
-    def predict(self, images: torch.Tensor | Sequence) -> torch.Tensor:
+    def predict(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
         """Class probabilities (B, C), the softmax of the logits, in float32.
 
         ``images``: a (B, 3, H, W) tensor of CLIP-normalised pixels, or a sequence of PIL
@@ -300,7 +313,7 @@ class DPTBase(nn.Module):
                 self.train()
         return logits.float().softmax(dim=-1)
 
-    def _image_batch(self, images: Sequence) -> torch.Tensor:
+    def _image_batch(self, images: Sequence[Any]) -> torch.Tensor:
         """(B, 3, H, W) evaluation tensors of PIL images."""
         from PIL import Image
 
@@ -321,9 +334,9 @@ class DPTBase(nn.Module):
         return torch.stack(batch)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, clip: nn.Module | None = None,
+    def from_checkpoint(cls, path: str | os.PathLike[str], clip: nn.Module | None = None,
                         device: torch.device | str | None = None, *,
-                        pretrained: str | None = None) -> DPTBase:
+                        pretrained: str | None = None) -> Self:
         """The model a ``dpt-fast train`` checkpoint holds: its class names, its
         :class:`DPTConfig` and its prompts, in eval mode.
 
@@ -360,7 +373,8 @@ class DPTBase(nn.Module):
         return model.eval()
 
     # ----------------------------------------------------------------------------- loading
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
         """Load prompts saved by :meth:`state_dict`.
 
         With ``strict=True`` (also when DPT sits inside the module being loaded) a state_dict of
@@ -374,7 +388,7 @@ class DPTBase(nn.Module):
         """
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def load_official_checkpoint(self, directory: str | os.PathLike, epoch: int | None = None,
+    def load_official_checkpoint(self, directory: str | os.PathLike[str], epoch: int | None = None,
                                  *, load_layer_classifiers: bool = True) -> None:
         """Load prompts saved by the authors' Dassl trainer (``fanrena/DPT``).
 

@@ -14,11 +14,13 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from torch.optim.lr_scheduler import LRScheduler
 
 from dpt_fast.files import atomic_write_bytes, json_dumps
 
@@ -32,7 +34,10 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     # the legacy global numpy RNG is the state user transforms draw from: save it as it is
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    # legacy=True (the default): the global RandomState is an MT19937, whose state is this tuple
+    np_state = cast(tuple[str, np.ndarray, int, int, float],
+                    np.random.get_state())  # noqa: NPY002
+    kind, keys, pos, has_gauss, cached = np_state
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss = random.getstate()
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
@@ -56,7 +61,8 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler, epoch: int,
+                    optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                    scaler: torch.amp.GradScaler | None, epoch: int,
                     info: dict) -> None:
     """Write the state after ``epoch`` (0-based, completed) to ``path`` atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone()
@@ -108,7 +114,8 @@ def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, *,
-                           optimizer: torch.optim.Optimizer, scheduler, scaler) -> int:
+                           optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                           scaler: torch.amp.GradScaler | None) -> int:
     """Load optimizer, scheduler, scaler and RNG states; returns the next epoch to run."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():

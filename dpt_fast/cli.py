@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -43,10 +44,10 @@ def _none_or_int(text: str) -> int | None:
     return None if text.lower() in ("none", "") else int(text)
 
 
-def _add_field(parser: argparse.ArgumentParser, name: str, kind, help_text: str,
-               default) -> None:
+def _add_field(parser: argparse._ActionsContainer, name: str, kind: Any, help_text: str,
+               default: object) -> None:
     flag = "--" + name.replace("_", "-")
-    kw: dict = {"dest": name, "default": argparse.SUPPRESS,
+    kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
                 "help": f"{help_text} (default: {default!r})"}
     origin = typing.get_origin(kind)
     if name == "method":  # the registry's names (dpt_fast.methods), read without torch
@@ -92,7 +93,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"dpt-fast: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_common_flags(parser: argparse.ArgumentParser, default) -> None:
+def _add_common_flags(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
                         help="debug logging, including open_clip's messages")
     parser.add_argument("--debug", action="store_true", default=default,

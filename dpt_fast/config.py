@@ -11,7 +11,7 @@ import dataclasses
 import math
 import string
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from dpt_fast.config_fields import (
     INIT_ONLY,
@@ -153,15 +153,15 @@ class DPTConfig:
         preset)."""
         return DPT_PRESETS.get(self.method, NO_PROMPTS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def model_fields(self) -> dict:
+    def model_fields(self) -> dict[str, Any]:
         """The fields that define the learned tensors (all but the loss-only ones)."""
         loss_only = fields_with(DPTConfig, LOSS_ONLY)
         return {k: v for k, v in self.to_dict().items() if k not in loss_only}
 
-    def differing_model_fields(self, saved: dict,
+    def differing_model_fields(self, saved: dict[str, Any],
                                ignore: frozenset[str] = frozenset()) -> list[str]:
         """The model fields (sorted) whose value in ``saved``, a checkpoint's ``model_fields()``,
         differs from this config's (a field ``saved`` lacks counts as its default); loss-only

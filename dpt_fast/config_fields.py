@@ -71,7 +71,8 @@ def defaults(cls: type) -> dict[str, Any]:
             value = f.default_factory()
         else:
             continue
-        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        is_instance = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        out[f.name] = dataclasses.asdict(value) if is_instance else value
     return out
 
 
@@ -105,7 +106,8 @@ def config_diff(cls: type, old: dict, new: dict, *, skip_roles: Iterable[str] = 
         before = old.get(f.name, default_values.get(f.name))
         after = new.get(f.name, default_values.get(f.name))
         inner = hints[f.name]
-        if dataclasses.is_dataclass(inner) and isinstance(before, dict) \
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner) \
+                and isinstance(before, dict) \
                 and isinstance(after, dict):
             changes += config_diff(inner, before, after, skip_roles=skip_roles, skip=skip,
                                    prefix=f"{prefix}{f.name}.")

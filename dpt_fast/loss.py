@@ -75,16 +75,12 @@ def dpt_loss(output: DPTOutput, labels: torch.Tensor, epoch: int, config: DPTCon
     check_labels(labels, output.logits.shape[0], output.logits.shape[1])
     labels = labels.long()
     main = F.cross_entropy(_upcast(output.logits), labels)
-    guided = (
-        config.spec.guidance
-        and epoch < config.guidance_epochs
-        and output.logits_zeroshot_image is not None
-        and output.logits_handcrafted_text is not None
-    )
-    if guided:
+    zeroshot, handcrafted = output.logits_zeroshot_image, output.logits_handcrafted_text
+    guided = config.spec.guidance and epoch < config.guidance_epochs
+    if guided and zeroshot is not None and handcrafted is not None:
         loss = (
-            F.cross_entropy(_upcast(output.logits_zeroshot_image), labels)
-            + F.cross_entropy(_upcast(output.logits_handcrafted_text), labels)
+            F.cross_entropy(_upcast(zeroshot), labels)
+            + F.cross_entropy(_upcast(handcrafted), labels)
             + GUIDANCE_MAIN_WEIGHT * main
         )
     else:

@@ -18,15 +18,20 @@ and the CAVPT attention runs the ``class_aware_attention`` op of the C++/CUDA ex
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dpt_fast.base import DPTBase
+from dpt_fast.config import DPTConfig
 from dpt_fast.fast.text import SharedPrefixTextEncoder
 from dpt_fast.fast.vision import PromptedVisionEncoder
 from dpt_fast.ops import class_aware_attention
 from dpt_fast.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class DPT(DPTBase):
@@ -36,21 +41,23 @@ class DPT(DPTBase):
     types raise ``TypeError`` at construction (the reference model runs them).
     """
 
-    def __init__(self, clip: nn.Module, classnames: Sequence[str], config=None, *,
-                 tokenizer: ClipTokenizer | None = None):
+    def __init__(self, clip: nn.Module, classnames: Sequence[str],
+                 config: DPTConfig | None = None, *,
+                 tokenizer: ClipTokenizer | None = None) -> None:
         super().__init__(clip, classnames, config, tokenizer=tokenizer)
         # Plain attributes, not submodules: they only read the (already registered) CLIP.
-        self._vision = PromptedVisionEncoder(clip.visual)
+        self._vision = PromptedVisionEncoder(self.clip.visual)
         self._text = SharedPrefixTextEncoder(clip) if self.text_prompts is not None else None
         # (key, context values, features) of the last eval-mode text encoding
-        self._text_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._text_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
 
-    def train(self, mode: bool = True) -> DPT:
+    def train(self, mode: bool = True) -> Self:
         self._text_cache = None
         return super().train(mode)
 
     # ----------------------------------------------------------------------------- text
-    def _text_cache_key(self) -> tuple:
+    def _text_cache_key(self) -> tuple[Any, ...]:
+        assert self.text_prompts is not None  # only methods with text prompts encode them
         ctx = self.text_prompts.ctx
         device = ctx.device.type
         autocast = torch.is_autocast_enabled(device)
@@ -65,14 +72,17 @@ class DPT(DPTBase):
         ``.data``), its device and dtype and the autocast state; ``train()`` drops it. Not
         cached inside torch.compile, whose graphs cannot hold the comparison.
         """
+        # both exist exactly for methods with text prompts, the only ones that encode them
+        assert self.text_prompts is not None and self._text is not None
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._text(self.text_prompts)
         ctx = self.text_prompts.ctx
         key = self._text_cache_key()
         cached = self._text_cache
         if cached is None or cached[0] != key or not torch.equal(cached[1], ctx):
-            self._text_cache = (key, ctx.detach().clone(), self._text(self.text_prompts))
-        return self._text_cache[2]
+            cached = (key, ctx.detach().clone(), self._text(self.text_prompts))
+            self._text_cache = cached
+        return cached[2]
 
     # ----------------------------------------------------------------------------- vision
     @torch.no_grad()
@@ -88,6 +98,7 @@ class DPT(DPTBase):
         layer_logits: list[torch.Tensor] = []
 
         def class_prompts(layer: int, tokens: torch.Tensor) -> torch.Tensor:
+            assert self.cavpt is not None  # passed to the encoder only with CAVPT
             prompts, logits = self.cavpt.layers[layer - self.cavpt_start](
                 tokens, class_text, class_aware_attention
             )

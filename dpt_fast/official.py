@@ -32,9 +32,18 @@ import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from dpt_fast.base import DPTBase
+    from dpt_fast.prompts import (
+        ClassAwarePromptLayer,
+        ClassAwarePrompts,
+        DeepVisualPrompts,
+        TextPrompts,
+    )
 
 TEXT_PART = "prompt_learner"
 VISUAL_PART = "image_encoder.transformer.ctx_learner"
@@ -64,14 +73,14 @@ class _InertTrainingState:
     """Stands in for the optimizer and LR-scheduler objects a Dassl checkpoint pickles beside
     the weights: it accepts whatever arguments and state the file gives and runs no code."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         self.args, self.kwargs = args, kwargs
 
-    def __setstate__(self, state) -> None:
+    def __setstate__(self, state: object) -> None:
         self.state = state
 
 
-def _allow_training_state_classes():
+def _allow_training_state_classes() -> contextlib.AbstractContextManager[Any]:
     """A context in which ``torch.load(weights_only=True)`` reads torch's optimizer and
     LR-scheduler objects as :class:`_InertTrainingState` (plus ``dict`` and ``defaultdict``,
     which rebuild their state).
@@ -85,7 +94,7 @@ def _allow_training_state_classes():
     from torch.optim import lr_scheduler
 
     base = getattr(lr_scheduler, "LRScheduler", lr_scheduler._LRScheduler)
-    classes = [c for c in vars(torch.optim).values()
+    classes: list[type] = [c for c in vars(torch.optim).values()
                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
     classes += [c for c in vars(lr_scheduler).values()
                 if isinstance(c, type) and issubclass(c, base)]
@@ -158,20 +167,21 @@ def _check_keys(state: dict, expected: set[str], part: str, allowed_extra: set[s
         )
 
 
-def plan_text_prompts(text_prompts: nn.Module, state: dict) -> CopyPlan:
+def plan_text_prompts(text_prompts: TextPrompts, state: dict[str, Any]) -> CopyPlan:
     _check_keys(state, {"ctx"}, TEXT_PART, set())
     return [(text_prompts.ctx, state["ctx"], f"{TEXT_PART}/ctx",
              " (other n_text_ctx, class_specific_ctx or other classes?)")]
 
 
-def plan_visual_prompts(visual_prompts: nn.Module, state: dict) -> CopyPlan:
+def plan_visual_prompts(visual_prompts: DeepVisualPrompts, state: dict[str, Any]) -> CopyPlan:
     _check_keys(state, {"ctx"}, VISUAL_PART, set())
     return [(visual_prompts.ctx, state["ctx"], f"{VISUAL_PART}/ctx",
              " (other n_visual_ctx or cavpt_start_layer?)")]
 
 
-def plan_cavpt(cavpt: nn.Module, state: dict, with_classifiers: bool) -> CopyPlan:
-    layers = cavpt.layers
+def plan_cavpt(cavpt: ClassAwarePrompts, state: dict[str, Any],
+               with_classifiers: bool) -> CopyPlan:
+    layers = [cast("ClassAwarePromptLayer", layer) for layer in cavpt.layers]
     mapping = list(cavpt_key_map(len(layers), with_classifiers))
     classifier_keys = {f"classfiers.{i}.weight" for i in range(len(layers))}
     allowed_extra = set() if with_classifiers else classifier_keys
@@ -209,7 +219,7 @@ def execute(plan: CopyPlan) -> None:
             target.copy_(source.to(device=target.device, dtype=target.dtype))
 
 
-def load_official_checkpoint(model: nn.Module, directory: str | os.PathLike,
+def load_official_checkpoint(model: DPTBase, directory: str | os.PathLike[str],
                              epoch: int | None = None, load_layer_classifiers: bool = True) -> None:
     """Load the authors' checkpoint parts that ``model`` has (see the module docstring)."""
     plan: CopyPlan = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,10 @@ class TextPrompts(nn.Module):
     Parameter:
         ctx: (M, D) generic or (C, M, D) class-specific context.
     """
+
+    token_ids: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
 
     def __init__(
         self,
@@ -164,7 +169,7 @@ class ClassAwarePromptLayer(nn.Module):
     def __init__(self, embed_dim: int, width: int, n_classes: int, config: DPTConfig,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.query_proj = nn.Linear(embed_dim, width, **kw)
         self.attn_q = nn.Linear(width, config.cavpt_attn_dim, bias=False, **kw)
         self.attn_k = nn.Linear(width, config.cavpt_attn_dim, bias=False, **kw)

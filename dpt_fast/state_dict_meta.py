@@ -10,11 +10,13 @@ by :class:`dpt_fast.base.DPTBase`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
+
     from dpt_fast.base import DPTBase
 
 # Metadata entries added to state_dict() so that loading can say *why* a checkpoint does not fit.
@@ -22,16 +24,17 @@ META_CLASSNAMES = "dpt_meta.classnames"
 META_CONFIG = "dpt_meta.config"
 
 
-def encode_json_tensor(obj) -> torch.Tensor:
+def encode_json_tensor(obj: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).clone()
 
 
-def decode_json_tensor(t: torch.Tensor):
+def decode_json_tensor(t: torch.Tensor) -> Any:
     return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
 
 
 
-def state_dict_post_hook(module: DPTBase, state_dict, prefix: str, local_metadata) -> None:
+def state_dict_post_hook(module: DPTBase, state_dict: dict[str, Any], prefix: str,
+                         local_metadata: dict[str, Any]) -> None:
     # The frozen CLIP is not part of DPT's state: drop it, and record what the prompts belong to.
     for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
         del state_dict[key]
@@ -39,7 +42,8 @@ def state_dict_post_hook(module: DPTBase, state_dict, prefix: str, local_metadat
     state_dict[prefix + META_CONFIG] = encode_json_tensor(module.config.model_fields())
 
 
-def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
+def _describe_mismatch(module: DPTBase, classnames: list[str],
+                       config: dict[str, Any]) -> list[str]:
     problems = []
     if classnames != module.classnames:
         if len(classnames) != len(module.classnames):
@@ -58,8 +62,9 @@ def _describe_mismatch(module: DPTBase, classnames, config: dict) -> list[str]:
     return problems
 
 
-def load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, missing_keys,
-                   unexpected_keys, error_msgs) -> None:
+def load_pre_hook(module: DPTBase, state_dict: dict[str, Any], prefix: str,
+                  local_metadata: dict[str, Any], strict: bool, missing_keys: list[str],
+                  unexpected_keys: list[str], error_msgs: list[str]) -> None:
     # A foreign or mismatched state_dict is reported through missing/unexpected keys: torch
     # refuses those exactly when the caller, at whatever depth DPT is nested, loads with
     # strict=True (it passes strict=True to every hook, so the flag itself cannot be read here).
@@ -92,7 +97,7 @@ def load_pre_hook(module: DPTBase, state_dict, prefix, local_metadata, strict, m
                                "state_dict does not belong to this model: " + "; ".join(problems))
 
 
-def load_post_hook(module: DPTBase, incompatible_keys) -> None:
+def load_post_hook(module: DPTBase, incompatible_keys: _IncompatibleKeys) -> None:
     # The CLIP's weights are not in DPT's state_dict by design: they are not "missing".
     clip_prefix = getattr(module, "_load_prefix", "") + "clip."
     incompatible_keys.missing_keys[:] = [

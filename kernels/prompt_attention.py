@@ -122,11 +122,12 @@ def _launch(
 
     grid_blocks(BLOCK_M, BLOCK_N) -> the number of programs along grid axis 0.
     """
-    if SETTINGS["fixed_blocks"] is not None:
-        block_m, block_n = SETTINGS["fixed_blocks"]
-        grid = (grid_blocks(block_m, block_n), heads, batch)
-        _run(kernel.fn, grid, args, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                     "num_warps": 4})
+    fixed = SETTINGS["fixed_blocks"]
+    if isinstance(fixed, tuple):  # (BLOCK_M, BLOCK_N), or None: autotune
+        block_m, block_n = fixed
+        fixed_grid = (grid_blocks(block_m, block_n), heads, batch)
+        _run(kernel.fn, fixed_grid, args, {**meta, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                           "num_warps": 4})
         return
 
     def grid(cfg: dict) -> tuple[int, int, int]:

@@ -111,7 +111,8 @@ def autotune_args(specs: list[Spec], interpreted: bool = INTERPRETED) -> dict:
     by_config = {(s.block_m, s.block_n, s.warps, s.stages): s for s in specs}
 
     def spec_of(config: triton.Config) -> Spec:
-        return by_config[(*_tile(config), config.num_warps, config.num_stages)]
+        key = (*_tile(config), config.num_warps, config.num_stages)
+        return by_config[key]
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
         """Keeps the candidates that fit the head dim and dtype without spilling and whose

@@ -12,6 +12,7 @@ it runs the patch embedding, each residual block and the pooling head separately
 from dpt_fast.clip_interop.blocks import (
     REFERENCE_HINT,
     BlockSpec,
+    OpenClipModule,
     block_batch_first,
     block_spec,
     check_fast_block,
@@ -30,7 +31,8 @@ from dpt_fast.clip_interop.towers import (
 )
 
 __all__ = [
-    "REFERENCE_HINT", "BlockSpec", "ClipGeometry", "block_batch_first", "block_spec",
+    "REFERENCE_HINT", "BlockSpec", "ClipGeometry", "OpenClipModule", "block_batch_first",
+    "block_spec",
     "check_fast_block", "clip_geometry", "compute_dtype", "encode_text_tokens", "run_block",
     "text_head", "text_positions", "text_transformer", "vision_embed", "vision_head",
 ]

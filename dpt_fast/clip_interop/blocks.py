@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
+
+# An open_clip CLIP, tower, block or attention module. open_clip ships no type information, and
+# nn.Module types every attribute read by name as ``Tensor | Module``; dpt_fast reads these
+# modules by structure and checks that structure (``block_spec``, ``towers.clip_geometry``), so
+# past the check their attributes are what open_clip builds: typed Any, in this one alias.
+OpenClipModule: TypeAlias = Any
 
 REFERENCE_HINT = "use dpt_fast.reference.DPT, which runs every open_clip block as open_clip does"
 
@@ -63,14 +69,14 @@ def _multihead_blockers(attn: nn.MultiheadAttention) -> list[str]:
     return blockers
 
 
-def _is_open_clip_attention(attn: nn.Module) -> bool:
+def _is_open_clip_attention(attn: OpenClipModule) -> bool:
     # Parameter names shared with nn.MultiheadAttention, plus num_heads; no batch_first flag.
     has_proj = hasattr(attn, "in_proj_weight") or hasattr(attn, "q_proj_weight")
     return (has_proj and isinstance(getattr(attn, "out_proj", None), nn.Linear)
             and isinstance(getattr(attn, "num_heads", None), int))
 
 
-def _attention_blockers(block: nn.Module, attn: nn.Module, head_dim: int) -> list[str]:
+def _attention_blockers(block: OpenClipModule, attn: OpenClipModule, head_dim: int) -> list[str]:
     blockers = []
     if getattr(attn, "in_proj_weight", None) is None:
         blockers.append("separate q/k/v projection weights (kdim/vdim differ from the width)")
@@ -90,13 +96,14 @@ def _attention_blockers(block: nn.Module, attn: nn.Module, head_dim: int) -> lis
     return blockers
 
 
-def block_spec(block: nn.Module) -> BlockSpec:
+def block_spec(block: OpenClipModule) -> BlockSpec:
     """Recognise one open_clip residual block by its structure.
 
     Raises:
         TypeError: the block has no ``attn`` module of either form, naming what it has.
     """
     attn = getattr(block, "attn", None)
+    kind: Literal["multihead", "attention"]
     if isinstance(attn, nn.MultiheadAttention):
         kind, batch_first = "multihead", bool(attn.batch_first)
         heads, width = int(attn.num_heads), int(attn.embed_dim)
@@ -119,7 +126,7 @@ def block_spec(block: nn.Module) -> BlockSpec:
     return BlockSpec(kind, batch_first, heads, width, tuple(blockers))
 
 
-def check_fast_block(block: nn.Module, where: str) -> BlockSpec:
+def check_fast_block(block: OpenClipModule, where: str) -> BlockSpec:
     """The block's spec, or a TypeError naming the features the fast model cannot run."""
     spec = block_spec(block)
     if spec.fast_blockers:
@@ -130,7 +137,7 @@ def check_fast_block(block: nn.Module, where: str) -> BlockSpec:
     return spec
 
 
-def block_batch_first(block: nn.Module) -> bool:
+def block_batch_first(block: OpenClipModule) -> bool:
     """The layout of a block :func:`block_spec` recognises: True if it runs (B, N, W).
 
     The cheap part of :func:`block_spec`, for the forward passes (and for torch.compile to
@@ -140,7 +147,7 @@ def block_batch_first(block: nn.Module) -> bool:
     return bool(attn.batch_first) if isinstance(attn, nn.MultiheadAttention) else True
 
 
-def run_block(block: nn.Module, x: torch.Tensor,
+def run_block(block: OpenClipModule, x: torch.Tensor,
               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One residual block on batch-first tokens x: (B, N, W) -> (B, N, W), as open_clip calls it.
 

@@ -8,11 +8,12 @@ text tower with arg-max EOT pooling), and reject the others with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import nn
 
-from dpt_fast.clip_interop.blocks import block_spec, run_block
+from dpt_fast.clip_interop.blocks import OpenClipModule, block_spec, run_block
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,11 @@ class ClipGeometry:
     vocab_size: int
 
 
-def _fail(reason: str) -> None:
+def _fail(reason: str) -> NoReturn:
     raise TypeError(f"dpt_fast needs an open_clip CLIP with a ViT image tower: {reason}")
 
 
-def clip_geometry(clip: nn.Module) -> ClipGeometry:
+def clip_geometry(clip: OpenClipModule) -> ClipGeometry:
     """Check that ``clip`` is a model DPT supports and read its sizes.
 
     Every residual block of both towers must be one :func:`block_spec` recognises (either
@@ -91,7 +92,7 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
-def vision_embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def vision_embed(visual: OpenClipModule, images: torch.Tensor) -> torch.Tensor:
     """Patch embedding + CLS + positions + ln_pre.
 
     images (B, 3, H, W) -> tokens (B, N, W) with N = 1 + patches. Patch dropout is not applied:
@@ -105,7 +106,7 @@ def vision_embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return visual.ln_pre(x)
 
 
-def vision_head(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def vision_head(visual: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
     """ln_post on the CLS token, then the projection: tokens (B, N, W) -> features (B, E).
 
     Takes CLS before ln_post: layer norm is per token, so this equals open_clip's order.
@@ -117,7 +118,7 @@ def vision_head(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pooled
 
 
-def text_head(clip: nn.Module, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+def text_head(clip: OpenClipModule, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
     """ln_final on the EOT tokens, then the text projection.
 
     x: (C, T, D) hidden states; eot_index: (C,) position of each row's EOT -> (C, E).
@@ -131,7 +132,7 @@ def text_head(clip: nn.Module, x: torch.Tensor, eot_index: torch.Tensor) -> torc
     return pooled @ proj
 
 
-def text_transformer(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def text_transformer(clip: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
     """Causal text transformer on embedded prompts x: (C, T, D) -> (C, T, D)."""
     transformer = clip.transformer
     mask = clip.attn_mask[: x.shape[1], : x.shape[1]]
@@ -140,13 +141,13 @@ def text_transformer(clip: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def text_positions(clip: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+def text_positions(clip: OpenClipModule, embeddings: torch.Tensor) -> torch.Tensor:
     """Add positional embeddings to token embeddings (C, T, D) -> (C, T, D)."""
     return embeddings + clip.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
 
 
 @torch.no_grad()
-def encode_text_tokens(clip: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+def encode_text_tokens(clip: OpenClipModule, token_ids: torch.Tensor) -> torch.Tensor:
     """Frozen text features of token id rows (C, T) -> (C, E), as ``clip.encode_text``."""
     dtype = clip.token_embedding.weight.dtype
     x = text_positions(clip, clip.token_embedding(token_ids).to(dtype))

@@ -234,7 +234,7 @@ class CacheFileWriter:
                              f"{self.row_shape}, {self.rows} of {self.max_rows} rows written")
         assert self._fd is not None, "start() first"
         try:
-            _pwrite(self._fd, memoryview(rows).cast("B"),
+            _pwrite(self._fd, memoryview(rows.data).cast("B"),
                     self._offset + self.rows * self._row_bytes)
         except OSError as exc:
             raise CacheIOError(exc) from exc
@@ -242,7 +242,7 @@ class CacheFileWriter:
 
     def commit(self, meta: dict[str, Any] | None = None) -> None:
         """Write the header for the rows appended so far, fsync, rename over ``path``."""
-        assert self._fd is not None, "start() first"
+        assert self._fd is not None and self._tmp is not None, "start() first"
         body = _header_bytes(self.key, self.dtype, (self.rows, *self.row_shape), meta or {})
         try:
             if _PREFIX.size + len(body) > self._offset:
@@ -265,6 +265,7 @@ class CacheFileWriter:
         """Move the rows to a new temporary file whose data starts at ``offset`` (a meta larger
         than the reserved slack, e.g. thousands of unreadable images)."""
         old_fd, old_tmp, old_offset = self._fd, self._tmp, self._offset
+        assert old_fd is not None and old_tmp is not None, "start() first"
         self._fd, self._tmp = self._create(offset)
         self._offset = offset
         try:

@@ -139,7 +139,7 @@ def _no_collate(sample: Any) -> Any:
 def _build(writer: CacheFileWriter, paths: list[str], image_size: int, skip_unreadable: bool,
            num_workers: int, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     """Decode every path into ``writer``; returns the meta (the skipped images)."""
-    writer.start(np.uint8, (image_size, image_size, 3), len(paths))
+    writer.start(np.dtype(np.uint8), (image_size, image_size, 3), len(paths))
     loader = DataLoader(_Decode(paths, image_size), batch_size=None, num_workers=num_workers,
                         collate_fn=_no_collate)
     skipped: list[list[Any]] = []

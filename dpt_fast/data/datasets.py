@@ -362,7 +362,7 @@ def image_folder_dataset(
 
 def _read_image_folders(split_dir: Path, label_of: dict[str, int],
                         require_images: bool = False) -> list[Datum]:
-    items = []
+    items: list[Datum] = []
     for folder in readers.list_subdirs(split_dir):
         if folder not in label_of:
             raise ValueError(f"{split_dir / folder}: class folder not found under train/")
@@ -378,7 +378,8 @@ def _carve_val(train: list[Datum], val_fraction: float) -> tuple[list[Datum], li
     """Move ``round(n * val_fraction)`` images per class to validation (CoOp's
     ``split_trainval``), keeping at least one training image per class."""
     rng = random.Random(FOLDER_VAL_SPLIT_SEED)
-    kept, val = [], []
+    kept: list[Datum] = []
+    val: list[Datum] = []
     for items in split_by_label(train).values():
         order = list(range(len(items)))
         rng.shuffle(order)

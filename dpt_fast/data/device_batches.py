@@ -95,7 +95,7 @@ class DeviceBatches:
         self.overlap = overlap and self.device.type == "cuda"
 
     def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]  (a DataLoader has one)
+        return len(self.loader)  # type: ignore[arg-type]  # a DataLoader has one
 
     def _to_device(self, batch: Batch) -> Batch:
         images, labels = batch

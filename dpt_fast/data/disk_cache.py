@@ -267,5 +267,5 @@ def module_weights_digest(module: torch.nn.Module) -> str:
         tensor = value.detach().cpu().contiguous()
         digest.update(canonical_json([name, str(tensor.dtype), list(tensor.shape)]).encode())
         # Bytes via a uint8 view: works for dtypes numpy lacks (bfloat16).
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()

@@ -58,7 +58,7 @@ def _sampler(rng: RandomSource) -> _Sampler:
     if isinstance(rng, random.Random):
         return rng
     if rng is None:
-        return random  # type: ignore[return-value]  # the module's functions match _Sampler
+        return random  # the module's functions match _Sampler
     if isinstance(rng, int) and not isinstance(rng, bool):
         return random.Random(rng)
     raise TypeError(f"rng must be a random.Random, an int seed or None, got {type(rng).__name__}")

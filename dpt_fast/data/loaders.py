@@ -22,6 +22,7 @@ each batch ``[i, ...]`` into ``[(epoch, i), ...]`` and :class:`EpochSeededSample
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sized
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -77,7 +78,7 @@ class EpochSeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self._seeded)
 
-    def __getitem__(self, key: EpochIndex):
+    def __getitem__(self, key: EpochIndex) -> Any:
         if not (isinstance(key, tuple) and len(key) == 2):
             raise TypeError(f"EpochSeededSamples takes (epoch, index) keys, got {key!r}: "
                             "batch with EpochIndices(batch_sampler)")

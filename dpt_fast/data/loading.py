@@ -96,7 +96,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
+        """(the transform's output, a PIL image without one; the label)."""
         item = self.items[index]
         image = load_rgb(item.impath)
         if self.transform is not None:

@@ -205,7 +205,7 @@ def read_class_folders(split_dir: Path, folders: Sequence[str], label_of: dict[s
     Raises:
         ValueError: a folder has no label or no class name.
     """
-    items = []
+    items: list[Datum] = []
     for folder in folders:
         if folder not in label_of or folder not in classname_of:
             raise ValueError(f"{split_dir / folder}: class folder not in the class list")
@@ -261,7 +261,7 @@ def read_imagenetv2(dataset_dir: Path, image_subdir: str) -> RawSplits:
     classname_of = read_imagenet_classnames(dataset_dir / "classnames.txt")
     image_dir = require_dir(dataset_dir / image_subdir)
     classnames = list(classname_of.values())
-    test = []
+    test: list[Datum] = []
     for label, classname in enumerate(classnames):
         class_dir = require_dir(image_dir / str(label))
         test.extend(

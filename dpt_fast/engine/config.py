@@ -17,13 +17,16 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import EVAL, REPEAT, REPORT_KEY, RESUMABLE, with_roles
 from dpt_fast.engine.progress import PROGRESS_MODES, ProgressMode, ProgressSettings
 from dpt_fast.engine.recipe import RECIPE_BACKBONES, RecipeName
 from dpt_fast.methods import get_method
+
+if TYPE_CHECKING:
+    from dpt_fast.data.disk_cache import CacheSettings
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -120,7 +123,7 @@ def progress_settings(config: TrainConfig) -> ProgressSettings:
     return ProgressSettings(mode=config.progress, log_every=config.log_every)
 
 
-def cache_settings(config: TrainConfig):
+def cache_settings(config: TrainConfig) -> CacheSettings:
     """The disk caches' settings of a run (``--cache``, ``--cache-dir``)."""
     from dpt_fast.data.disk_cache import CacheSettings
 
@@ -131,7 +134,7 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def field_help(cls) -> dict[str, str]:
+def field_help(cls: type) -> dict[str, str]:
     """The documentation of each dataclass field in ``cls``'s source: its trailing comment, or
     the comment lines right above it when the line has no room for one."""
     help_text: dict[str, str] = {}
@@ -155,7 +158,7 @@ def config_to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def _coerce(owner: str, name: str, hint, value):
+def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     """``value`` as the type ``hint`` of field ``name``: YAML reads ``1e-3`` as a string and
     ``5`` as an int where a float is meant. Anything else that does not fit raises, naming the
     field, the value and the expected type."""
@@ -196,7 +199,7 @@ def _coerce(owner: str, name: str, hint, value):
                      f"({type(value).__name__})")
 
 
-def _coerced(cls, values: dict) -> dict:
+def _coerced(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {k: _coerce(cls.__name__, k, hints[k], v) for k, v in values.items()}
 

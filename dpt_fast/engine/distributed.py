@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def gather_objects(obj, info: DistInfo) -> list:
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every process's ``obj``, in rank order, on every process."""
     if not info.enabled:
         return [obj]
@@ -56,7 +57,7 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Process 0's ``obj`` on every process (``obj`` itself when not distributed)."""
     if not info.enabled:
         return obj

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from dpt_fast.data.crop_cache import CropDataset, TestCrops, cached_test_crops
 from dpt_fast.data.disk_cache import CacheSettings, cached_features
 from dpt_fast.data.loading import ImageReadError, load_rgb
 from dpt_fast.data.records import Datum
+
+if TYPE_CHECKING:
+    from dpt_fast.base import DPTBase
 
 log = logging.getLogger("dpt_fast")
 
@@ -88,7 +92,8 @@ def _readable(items: Sequence[Datum]) -> tuple[list[Datum], list[str]]:
     return kept, skipped
 
 
-def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.device,
+def frozen_features(test_set: TestSet, model: DPTBase, clip_key: dict[str, Any],
+                    device: torch.device,
                     amp_dtype: torch.dtype | None, settings: CacheSettings,
                     batch_size: int = FEATURE_BATCH) -> torch.Tensor | None:
     """The frozen CLIP's image features (N, E) of ``test_set`` (in its order), in the dtype the
@@ -140,7 +145,7 @@ def _device_kind(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def _frozen_dtype(model, test_set: TestSet, device: torch.device,
+def _frozen_dtype(model: DPTBase, test_set: TestSet, device: torch.device,
                   amp_dtype: torch.dtype | None) -> torch.dtype:
     """The dtype of ``model.encode_image_frozen`` under this autocast (one image's pass)."""
     if amp_dtype is None:
@@ -156,7 +161,7 @@ def _frozen_dtype(model, test_set: TestSet, device: torch.device,
 
 
 @torch.no_grad()
-def compute_frozen_features(model, dataset: Dataset, device: torch.device,
+def compute_frozen_features(model: DPTBase, dataset: Dataset[Any], device: torch.device,
                             amp_dtype: torch.dtype | None, batch_size: int) -> torch.Tensor:
     """(N, E) ``model.encode_image_frozen`` of every sample of ``dataset``, on the CPU."""
     from dpt_fast.data.device_batches import DeviceBatches

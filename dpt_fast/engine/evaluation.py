@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sized
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +35,7 @@ def evaluate(model: DPTBase, dataset: Dataset, labels: list[int], *, device: tor
     features of the N samples (an evaluation cache), so the model runs one prompted pass.
     """
     model.eval()
+    assert isinstance(dataset, Sized)  # a map-style dataset with a length
     indices = list(range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -22,10 +22,13 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dpt_fast.config_fields import defaults
 from dpt_fast.methods import get_method
+
+if TYPE_CHECKING:
+    from dpt_fast.engine.config import TrainConfig
 
 RecipeName = Literal["dpt_fast", "authors", "toy"]
 
@@ -143,7 +146,7 @@ def recipe_model_values(recipe: str, method: str) -> dict[str, Any]:
     return values
 
 
-def apply_recipe(config, explicit: frozenset[str]):
+def apply_recipe(config: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
     """``config`` (a TrainConfig) with every recipe field the user did not set (not in
     ``explicit``, which names model fields bare, as the CLI does) taken from its recipe for its
     dataset and method: the run fields of :data:`RECIPE_FIELDS` and the recipe's model fields."""
@@ -161,14 +164,14 @@ def apply_recipe(config, explicit: frozenset[str]):
     return dataclasses.replace(config, **changes)
 
 
-def template_is_fixed(config, explicit: frozenset[str]) -> bool:
+def template_is_fixed(config: TrainConfig, explicit: frozenset[str]) -> bool:
     """Whether a run keeps ``config.model.template`` instead of the dataset's template: the user
     set it, or the config's recipe has a template of its own (the toy recipe). What a caller of
     ``train_run`` passes as ``template_explicit``."""
     return "template" in explicit or "template" in get_recipe(config.recipe).model
 
 
-def describe_recipe(config) -> str:
+def describe_recipe(config: TrainConfig) -> str:
     """One line with the effective value of each recipe field, marking those set by a rule of
     the dataset and those that differ from the recipe (the user's)."""
     values = recipe_values(config.recipe, config.dataset, config.model.method,

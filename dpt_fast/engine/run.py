@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -268,13 +269,13 @@ def run_in_session(session: Session, config: TrainConfig, template_explicit: boo
         history = trainer.fit(
             lambda: _eval_split(model, test_set, run_config, session, clip, "test"))
         trainer.close()  # the training loader's workers are done
-        results = {"config": config_to_dict(run_config), "clip": clip.record,
-                   "dataset": config.dataset, "classes": splits.classnames, "data": data,
-                   "history": history}
+        results: dict[str, Any] = {"config": config_to_dict(run_config), "clip": clip.record,
+                                   "dataset": config.dataset, "classes": splits.classnames,
+                                   "data": data, "history": history}
         final_step = config.epochs * trainer.steps_per_epoch()
         results["test"] = _eval_split(model, test_set, run_config, session, clip, "test")
         summaries.evaluation("test", results["test"], final_step)
-        if new is not None:
+        if new is not None and new_test is not None:
             new_model = create_method(model_config.method, clip.module, new.classnames,
                                       model_config)
             load_for_classes(new_model, model.state_dict())
@@ -314,7 +315,7 @@ def _checkpoint_run_config(config: TrainConfig, saved: dict,
     model_config = DPTConfig(**saved["model"])
     model_config = dataclasses.replace(model_config, **{
         name: getattr(config.model, name) for name in per_dataset & explicit})
-    changes = {"model": model_config}
+    changes: dict[str, Any] = {"model": model_config}
     for name in ("backbone", "pretrained"):
         if name not in explicit:
             changes[name] = saved[name]
@@ -368,12 +369,13 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     if not template_explicit:
         model_config = dataclasses.replace(model_config, template=splits.template)
     clip = session.clip(config.backbone, config.pretrained)
-    if meta is not None:
+    if meta is not None and checkpoint is not None:
         check_activation(meta.get("clip"), clip.module, checkpoint)
     model = create_method(model_config.method, clip.module, splits.classnames, model_config)
     if state is not None:
         load_for_classes(model, state)
     else:
+        assert official_dir is not None  # without a checkpoint (checked above)
         model.load_official_checkpoint(official_dir, official_epoch,
                                        load_layer_classifiers=False)
     test_set = _test_set(session, splits, config, config.subsample, model.geometry.image_size[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.utils.data import Sampler
 
@@ -45,7 +47,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             return None
         return local_size * self.world_size / self.global_batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()

@@ -9,6 +9,7 @@ shortened by the warm-up: it never reaches 0 when warmup > 0, as in the authors'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +26,7 @@ def dassl_lr(epoch: int, base_lr: float, max_epochs: int, warmup_epochs: int,
 def build_scheduler(optimizer: torch.optim.Optimizer, max_epochs: int,
                     warmups: list[tuple[int, float]]) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per epoch; ``warmups[i]`` = (epochs, lr) of param group i."""
-    lambdas = []
+    lambdas: list[Callable[..., float]] = []
     for group, (warmup_epochs, warmup_lr) in zip(optimizer.param_groups, warmups, strict=True):
         base = group["lr"]
         lambdas.append(

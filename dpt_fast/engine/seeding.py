@@ -8,6 +8,8 @@ before: a resumed run repeats the uninterrupted one.
 from __future__ import annotations
 
 import random
+from collections.abc import Sized
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +31,10 @@ class SeededSamples(Dataset):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def __len__(self) -> int:
+        assert isinstance(self.dataset, Sized)  # a map-style dataset with a length
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Any:
         sample_seed = (self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed % 2**63)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from dpt_fast.backbone import clip_record, load_clip
 from dpt_fast.data import DatasetSplits, build_dataset, image_folder_dataset
 from dpt_fast.data.datasets import DatasetIndex, read_dataset_index
 from dpt_fast.data.disk_cache import CacheSettings
+from dpt_fast.data.fewshot import Subsample
 from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.distributed import (
     DistInfo,
@@ -74,7 +76,7 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -83,7 +85,7 @@ class Session:
         self._test_sets.clear()
         close_distributed()
 
-    def broadcast(self, value):
+    def broadcast(self, value: Any) -> Any:
         """Process 0's ``value`` on every process of the group (decisions only it can make,
         such as whether it took a run folder's lock)."""
         return broadcast_object(value, self.info)
@@ -102,7 +104,7 @@ class Session:
         return self._clip
 
     def splits(self, dataset: str, root: str, shots: int, seed: int,
-               subsample: str) -> DatasetSplits:
+               subsample: Subsample) -> DatasetSplits:
         """A CoOp dataset by name (its index read once per session), or ``dataset="folder"``:
         a root/{train,val,test}/<class> tree."""
         if dataset == "folder":

@@ -34,6 +34,7 @@ from dpt_fast.engine.train_log import append_record, read_history, repair_log
 from dpt_fast.errors import TrainingDiverged
 from dpt_fast.loss import layer_hits
 from dpt_fast.methods import get_method
+from dpt_fast.output import DPTOutput
 
 log = logging.getLogger("dpt_fast")
 
@@ -150,7 +151,7 @@ class Trainer:
         """Stop the loader's worker processes (the run is over)."""
         self._train_loader = None
 
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
                               enabled=self.amp_dtype is not None)
 
@@ -222,9 +223,9 @@ class Trainer:
             f"{step + 1}/{len(self.sampler)}; {last}. Lower --lr / --text-lr (or raise "
             "--warmup-epochs) and start again with --overwrite")
 
-    def _layer_denominator(self, out, labels) -> torch.Tensor | None:
+    def _layer_denominator(self, out: DPTOutput, labels: torch.Tensor) -> torch.Tensor | None:
         """The global hit count / processes, so DDP's mean of gradients is the global mean."""
-        if not self.info.enabled or out.layer_logits is None:
+        if not self.info.enabled or out.layer_logits is None or out.topk_indices is None:
             return None
         hits = layer_hits(out.topk_indices, labels, out.layer_logits.shape[1]).sum()
         total = all_reduce_sum(hits.to(torch.float32), self.info)

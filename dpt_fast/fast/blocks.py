@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dpt_fast.clip_interop import BlockSpec, check_fast_block
+from dpt_fast.clip_interop import BlockSpec, OpenClipModule, check_fast_block
 from dpt_fast.ops import prompt_attention
 
 
-def fast_blocks(transformer: nn.Module, tower: str) -> list[BlockParts]:
+def fast_blocks(transformer: OpenClipModule, tower: str) -> list[BlockParts]:
     """The decomposed blocks of an open_clip transformer, refused with a reason if unsupported."""
     return [BlockParts(block, check_fast_block(block, f"{tower} block {i}"))
             for i, block in enumerate(transformer.resblocks)]
@@ -29,7 +28,7 @@ def fast_blocks(transformer: nn.Module, tower: str) -> list[BlockParts]:
 class BlockParts:
     """Pieces of one residual block on batch-first tokens; H heads of width D = W / H."""
 
-    def __init__(self, block: nn.Module, spec: BlockSpec) -> None:
+    def __init__(self, block: OpenClipModule, spec: BlockSpec) -> None:
         self.block = block
         self.heads = spec.heads
         self.width = spec.width
@@ -40,26 +39,29 @@ class BlockParts:
         bias = attn.in_proj_bias[rows] if attn.in_proj_bias is not None else None
         return F.linear(h, attn.in_proj_weight[rows], bias)
 
-    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         """(B, N, n·W) -> n tensors (B, H, N, D), views of one projection."""
         b, length = t.shape[:2]
         t = t.view(b, length, n, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return t.unbind(0) if n > 1 else t[0]
+        return t.unbind(0) if n > 1 else (t[0],)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.block.ln_1(x)
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed tokens (B, N, W) -> q, k, v each (B, H, N, D)."""
-        return self._heads(self._project(h, slice(None)), 3)
+        q, k, v = self._heads(self._project(h, slice(None)), 3)
+        return q, k, v
 
     def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed tokens (B, N, W) -> k, v each (B, H, N, D), without computing queries."""
-        return self._heads(self._project(h, slice(self.width, None)), 2)
+        k, v = self._heads(self._project(h, slice(self.width, None)), 2)
+        return k, v
 
     def q(self, h: torch.Tensor) -> torch.Tensor:
         """Normed tokens (B, N, W) -> q (B, H, N, D)."""
-        return self._heads(self._project(h, slice(0, self.width)), 1)
+        (q,) = self._heads(self._project(h, slice(0, self.width)), 1)
+        return q
 
     def prompt_kv(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt tokens (Bp, P, W) -> their keys and values (Bp, H, P, D)."""
@@ -92,8 +94,7 @@ class BlockParts:
             k, v = self.kv(h)
             q = self.q(h[:, :queries])
             x_q = x[:, :queries]
-        if prompt_k is None:
-            prompt_k = k.new_empty(1, self.heads, 0, self.head_dim)
-            prompt_v = prompt_k
+        if prompt_k is None or prompt_v is None:  # no prompts: an empty set of prompt keys
+            prompt_k = prompt_v = k.new_empty(1, self.heads, 0, self.head_dim)
         out = prompt_attention(q, k, v, prompt_k, prompt_v, causal=causal)
         return self.finish(x_q, out)

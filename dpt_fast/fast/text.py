@@ -12,9 +12,8 @@ Under the causal mask, position t sees positions ≤ t only. So
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from dpt_fast.clip_interop import text_head
+from dpt_fast.clip_interop import OpenClipModule, text_head
 from dpt_fast.fast.blocks import fast_blocks
 from dpt_fast.ops import prompt_attention
 from dpt_fast.prompts import TextPrompts
@@ -47,7 +46,7 @@ class SharedPrefixTextEncoder:
     Holds no parameters: it reads the CLIP's frozen text tower and the prompts it is given.
     """
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: OpenClipModule) -> None:
         self.clip = clip
         self.blocks = fast_blocks(clip.transformer, "text")
 

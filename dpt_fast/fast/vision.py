@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from dpt_fast.clip_interop import vision_embed, vision_head
+from dpt_fast.clip_interop import OpenClipModule, vision_embed, vision_head
 from dpt_fast.fast.blocks import fast_blocks
 
 # Called for the CAVPT layers: (layer index, tokens (B, N, W)) -> prompt tokens (B, K, W).
@@ -25,7 +24,7 @@ ClassPromptFn = Callable[[int, torch.Tensor], torch.Tensor]
 class PromptedVisionEncoder:
     """Runs the frozen image tower with optional deep and class-aware prompts."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: OpenClipModule) -> None:
         self.visual = visual
         self.blocks = fast_blocks(visual.transformer, "vision")
 
@@ -42,9 +41,9 @@ class PromptedVisionEncoder:
         last = len(self.blocks) - 1
         for i, parts in enumerate(self.blocks):
             prompt_k = prompt_v = None
-            if i < n_deep:
+            if deep_prompts is not None and i < n_deep:
                 prompt_k, prompt_v = parts.prompt_kv(deep_prompts[i : i + 1].to(x.dtype))
-            elif class_prompts is not None and i >= class_start:
+            elif class_prompts is not None and class_start is not None and i >= class_start:
                 prompt_k, prompt_v = parts.prompt_kv(class_prompts(i, x).to(x.dtype))
             x = parts.forward(x, prompt_k, prompt_v, queries=1 if i == last else None)
         return vision_head(self.visual, x)

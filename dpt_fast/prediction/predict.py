@@ -30,14 +30,15 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
             return self.transform(load_rgb(self.paths[index])), index, None
         except ImageReadError as err:
             return None, index, str(err.__cause__ or err)
 
 
-def _collate(items):
+def _collate(items: list[tuple[torch.Tensor | None, int, str | None]],
+             ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str | None]]]:
     """Stack the images that were read; keep the indices of all and the errors of the rest."""
     images = [image for image, _, _ in items if image is not None]
     read = [index for image, index, _ in items if image is not None]

@@ -50,7 +50,7 @@ def find_images(inputs: list[str]) -> list[str]:
 
 
 def _images_under(folder: Path) -> list[str]:
-    found = []
+    found: list[str] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(os.path.join(root, name) for name in sorted(names)

@@ -27,6 +27,7 @@ class DPT(DPTBase):
 
     def encode_learned_text(self) -> torch.Tensor:
         """Full causal text encoder over the C learned prompts -> (C, E)."""
+        assert self.text_prompts is not None  # only methods with text prompts encode them
         prompts = self.text_prompts()  # (C, T, D)
         x = text_transformer(self.clip, text_positions(self.clip, prompts))
         return text_head(self.clip, x, self.text_prompts.eot_index)
@@ -41,11 +42,12 @@ class DPT(DPTBase):
         visual = self.clip.visual
         x = vision_embed(visual, images)  # (B, N, W)
         batch, n_tokens = x.shape[:2]
-        n_deep = self.visual_prompts.n_layers if self.visual_prompts is not None else 0
+        deep = self.visual_prompts
+        n_deep = deep.n_layers if deep is not None else 0
         layer_logits = []
         for i, block in enumerate(visual.transformer.resblocks):
-            if i < n_deep:
-                extra = self.visual_prompts.ctx[i].to(x.dtype).expand(batch, -1, -1)
+            if deep is not None and i < n_deep:
+                extra = deep.ctx[i].to(x.dtype).expand(batch, -1, -1)
             elif self.cavpt is not None and i >= self.cavpt_start:
                 extra, logits = self.cavpt.layers[i - self.cavpt_start](
                     x, class_text, class_aware_attention_ref

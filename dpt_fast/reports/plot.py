@@ -7,12 +7,13 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 from dpt_fast.files import atomic_write_bytes
 from dpt_fast.reports.tables import MatplotlibMissing, Table, marks
 
 
-def matplotlib_parts():
+def matplotlib_parts() -> tuple[Any, Any, Any]:
     """matplotlib's Figure, Agg canvas and rcParams; a clear error when it is missing."""
     try:
         from matplotlib import rcParams
@@ -62,9 +63,9 @@ def plot_curves(tables: list[Table], path: Path) -> None:
                 partial_points = True
                 axes.plot(*zip(*hollow, strict=True), marker="o", linestyle="none",
                           markerfacecolor="white", color=colour[table.title])
-            if all(s.std is not None for _, s in points):
-                axes.fill_between(xs, [s.mean - s.std for _, s in points],
-                                  [s.mean + s.std for _, s in points],
+            bands = [(s.mean, s.std) for _, s in points if s.std is not None]
+            if len(bands) == len(points):
+                axes.fill_between(xs, [m - d for m, d in bands], [m + d for m, d in bands],
                                   color=colour[table.title], alpha=0.2, linewidth=0)
         for table in zero:
             row = table.row(panel)

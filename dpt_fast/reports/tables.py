@@ -178,7 +178,7 @@ class Found:
     older: list[str] = field(default_factory=list)
 
 
-def _number(value) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
 
@@ -309,7 +309,8 @@ def _blocks(runs: Iterable[Run], extra: Callable[[Run], tuple] = lambda run: ()
     order."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[(run.method, run.backbone, run.variant, *extra(run))].append(run)
+        key = (run.method, run.backbone, run.variant, *extra(run))
+        groups[key].append(run)
     return sorted(groups.items(), key=lambda item: (_method_order(item[0][0]), item[0][1:]))
 
 
@@ -322,8 +323,9 @@ def _over_seeds(runs: list[Run], key: Callable[[Run], tuple],
                 value: Callable[[Run], float | None]) -> dict[tuple, Stat]:
     values: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
-        if value(run) is not None:
-            values[key(run)].append(value(run))
+        v = value(run)
+        if v is not None:
+            values[key(run)].append(v)
     return {k: Stat.over_seeds(v) for k, v in values.items()}
 
 
@@ -373,8 +375,8 @@ def _base2new(runs: list[Run], show_backbone: bool) -> list[Table]:
         per = [_over_seeds(members, lambda r: (r.dataset,), m) for m in metrics]
         datasets = sorted({r.dataset for r in members})
         rows = [Row(d, d, shots, [p[d,] for p in per]) for d in datasets]
-        base = Stat.average([row.cells[0] for row in rows])
-        new = Stat.average([row.cells[1] for row in rows])
+        base = Stat.average([per[0][d,] for d in datasets])
+        new = Stat.average([per[1][d,] for d in datasets])
         # As the CoOp/CoCoOp papers: H of the averages, not the average of the per-dataset Hs.
         h = Stat(_harmonic_mean(base.mean, new.mean), None, len(rows))
         average = Row("Average", "Average", shots, [base, new, h], ["", "", ""], average=True)
@@ -396,7 +398,7 @@ def _cross_dataset(runs: list[Run], show_backbone: bool) -> list[Table]:
                                                 for r in members}):
             mine = [r for r in members if (r.dataset, r.shots, r.subsample) == (
                 source, shots, subsample)]
-            cells = [Stat.over_seeds([r.accuracy for r in mine])]
+            cells: list[Stat | None] = [Stat.over_seeds([r.accuracy for r in mine])]
             for target in targets:
                 values = [r.transfers[target] for r in mine if target in r.transfers]
                 cells.append(Stat.over_seeds(values) if values else None)
@@ -421,9 +423,9 @@ def _zero_shot(results: list[ZeroShot], show_backbone: bool) -> list[Table]:
     for backbone in sorted({z.backbone for z in results}):
         mine = [z for z in results if z.backbone == backbone]
         datasets = sorted({z.dataset for z in mine})
-        rows = [Row(d, d, 0, [Stat.over_seeds([z.accuracy for z in mine if z.dataset == d])])
-                for d in datasets]
-        average = Row("Average", "Average", 0, [Stat.average([r.cells[0] for r in rows])],
+        stats = [Stat.over_seeds([z.accuracy for z in mine if z.dataset == d]) for d in datasets]
+        rows = [Row(d, d, 0, [stat]) for d, stat in zip(datasets, stats, strict=True)]
+        average = Row("Average", "Average", 0, [Stat.average(stats)],
                       [""], average=True)
         title = f"zero-shot CLIP ({backbone})" if show_backbone else "zero-shot CLIP"
         tables.append(Table("zero_shot", "zero-shot", backbone, "", title, "Dataset",

@@ -21,7 +21,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from dpt_fast.config import DPTConfig
 from dpt_fast.config_fields import RESUMABLE, config_diff
@@ -31,6 +31,9 @@ from dpt_fast.engine.run_folder import CONFIG_FILE, LAST_CHECKPOINT, RESULTS_FIL
 from dpt_fast.methods import METHOD_NAMES, get_method
 from dpt_fast.methods.base import option_flags
 from dpt_fast.reports.summary import read_run_results
+
+if TYPE_CHECKING:
+    from dpt_fast.data.fewshot import Subsample  # dpt_fast.data imports torch
 
 Protocol = Literal["few-shot", "base2new", "cross-dataset", "dg"]
 PROTOCOLS: tuple[str, ...] = ("few-shot", "base2new", "cross-dataset", "dg")
@@ -140,7 +143,8 @@ def plan_runs(base: TrainConfig, explicit: frozenset[str], grid: SweepGrid,
                     model = dataclasses.replace(method_base.model, method=method)
                     config = dataclasses.replace(
                         method_base, dataset=dataset, shots=shots, seed=seed,
-                        subsample=subsample, output_dir=str(folder), resume=False, model=model)
+                        subsample=cast("Subsample", subsample), output_dir=str(folder),
+                        resume=False, model=model)
                     # The recipe's per-dataset and per-method values, as `train` applies them.
                     config = apply_recipe(config, explicit - unread)
                     runs.append(PlannedRun(method, dataset, shots, seed, grid.protocol, config,

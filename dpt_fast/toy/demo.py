@@ -19,13 +19,17 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import DataLoader
 
-from dpt_fast.config import DPTConfig
+from dpt_fast.clip_interop import OpenClipModule
+from dpt_fast.config import DPTConfig, MethodName
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
+from dpt_fast.data.records import Datum
 from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.recipe import TOY_MODEL, TOY_RUN, apply_recipe, recipe_model_values
 from dpt_fast.toy import task
@@ -40,9 +44,12 @@ from dpt_fast.toy.options import (
 )
 from dpt_fast.zero_shot import zero_shot_classifier
 
+if TYPE_CHECKING:
+    from dpt_fast.engine.config import TrainConfig
+
 # The toy recipe (``--recipe toy``: dpt_fast.engine.recipe, where its values are explained).
 # These names keep the values that benchmarks/toy_robustness.py records with its results.
-BATCH_SIZE = TOY_RUN["batch_size"]
+BATCH_SIZE = cast(int, TOY_RUN["batch_size"])
 LR = TOY_RUN["lr"]
 TEXT_LR = TOY_RUN["text_lr"]
 WARMUP_EPOCHS = TOY_RUN["warmup_epochs"]
@@ -54,8 +61,8 @@ TIMING_STEPS = 5  # training steps timed for the fast / reference ratio (after o
 
 
 @torch.no_grad()
-def zero_shot_accuracy(clip: torch.nn.Module, items, classnames: list[str], template: str,
-                       device: torch.device, batch_size: int = 100) -> float:
+def zero_shot_accuracy(clip: OpenClipModule, items: Sequence[Datum], classnames: list[str],
+                       template: str, device: torch.device, batch_size: int = 100) -> float:
     """Top-1 accuracy (%) of CLIP with hand-crafted prompts on the records ``items``."""
     clip.eval()
     text = zero_shot_classifier(clip, classnames, template)  # zero-shot CLIP's classifier
@@ -66,18 +73,19 @@ def zero_shot_accuracy(clip: torch.nn.Module, items, classnames: list[str], temp
     correct = seen = 0
     for images, labels in loader:
         image = torch.nn.functional.normalize(clip.encode_image(images.to(device)), dim=-1)
-        correct += (image @ text.T).argmax(-1).cpu().eq(labels).sum().item()
+        correct += int((image @ text.T).argmax(-1).cpu().eq(labels).sum().item())
         seen += labels.shape[0]
     return 100.0 * correct / seen
 
 
 def model_config(method: str) -> DPTConfig:
     """The DPTConfig of a method on the toy task: the toy recipe's prompts and template."""
-    return DPTConfig(method=method, **recipe_model_values("toy", method))
+    # DPTConfig checks the method's name
+    return DPTConfig(method=cast(MethodName, method), **recipe_model_values("toy", method))
 
 
 def train_config(method: str, *, root: Path, output_dir: Path, shots: int, seed: int,
-                 epochs: int, device: str, pretrained: str = PRETRAINED_TAG):
+                 epochs: int, device: str, pretrained: str = PRETRAINED_TAG) -> TrainConfig:
     """The engine's TrainConfig of one few-shot run on the toy task: what ``dpt-fast train
     --dataset dtd --recipe toy`` builds, with the demo's shots, seed, epochs and weights."""
     from dpt_fast.engine.config import TrainConfig
@@ -86,11 +94,11 @@ def train_config(method: str, *, root: Path, output_dir: Path, shots: int, seed:
         dataset=task.DATASET_NAME, root=str(root), shots=shots, seed=seed, recipe="toy",
         epochs=epochs, pretrained=pretrained, eval_batch_size=100, num_workers=0,
         device=device, output_dir=str(output_dir / f"{method}_seed{seed}"),
-        model=DPTConfig(method=method))
+        model=DPTConfig(method=cast(MethodName, method)))
     return apply_recipe(config, _DEMO_FIELDS)
 
 
-def run_method(config) -> dict:
+def run_method(config: TrainConfig) -> dict[str, Any]:
     """Train and evaluate one method through the engine: accuracy, times, throughput and the
     per-epoch training loss."""
     from dpt_fast.engine.run import train_run
@@ -176,7 +184,7 @@ def run_demo(output_dir: str | Path = DEFAULT_OUTPUT_DIR, device: str = "cpu",
              seeds: tuple[int, ...] = DEFAULT_SEEDS, methods: tuple[str, ...] = DEFAULT_METHODS,
              timing: bool = True, data_dir: str | Path | None = None,
              test_per_class: int = task.TEST_PER_CLASS, pretrained: str = PRETRAINED_TAG,
-             echo=print) -> dict:
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo and return (and write) its results; see the module docstring.
 
     ``pretrained``: the toy weights (``load_toy_backbone``): the shipped ones by default.
@@ -204,17 +212,20 @@ def run_demo(output_dir: str | Path = DEFAULT_OUTPUT_DIR, device: str = "cpu",
             runs.append(run_method(config))
             echo(f"{method} seed {seed}: {runs[-1]['accuracy']:.1f}% "
                  f"in {runs[-1]['wall_s']:.1f}s")
-    results = {"zero_shot_accuracy": zero_shot, "runs": runs, "summary": summarise(runs),
-               "shots": shots, "epochs": epochs, "seeds": list(seeds), "device": device,
-               "recipe": {"batch_size": BATCH_SIZE, "lr": LR, "text_lr": TEXT_LR,
-                          "warmup_epochs": WARMUP_EPOCHS, "model": MODEL_OVERRIDES},
-               "environment": rounding_environment()}
+    results: dict[str, Any] = {
+        "zero_shot_accuracy": zero_shot, "runs": runs, "summary": summarise(runs),
+        "shots": shots, "epochs": epochs, "seeds": list(seeds), "device": device,
+        "recipe": {"batch_size": BATCH_SIZE, "lr": LR, "text_lr": TEXT_LR,
+                   "warmup_epochs": WARMUP_EPOCHS, "model": MODEL_OVERRIDES},
+        "environment": rounding_environment()}
     echo("")
     echo(format_table(zero_shot, runs))
     if timing:
         batch = ImageDataset(splits.train[:BATCH_SIZE], build_transforms(
             train=False, image_size=clip.visual.image_size[0]))
-        images = torch.stack([batch[i][0] for i in range(len(batch))]).to(torch_device)
+        # the evaluation transform makes tensors
+        images = torch.stack([cast(torch.Tensor, batch[i][0])
+                              for i in range(len(batch))]).to(torch_device)
         labels = torch.tensor([batch[i][1] for i in range(len(batch))], device=torch_device)
         results["step_time"] = step_time_ratio(clip, splits.classnames, images, labels)
         st = results["step_time"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dpt_fast.methods import METHOD_NAMES
 
@@ -40,5 +41,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 class _OneSeed(argparse.Action):
     """``--seed N`` stores ``[N]`` where ``--seeds`` stores its list."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
         setattr(namespace, self.dest, [values])

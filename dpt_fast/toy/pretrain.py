@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpt_fast.clip_interop import OpenClipModule
 from dpt_fast.data.loading import CLIP_MEAN, CLIP_STD
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy.model import (
@@ -102,14 +103,15 @@ def sample_batch(rng: np.random.Generator, size: int, tokenizer: ClipTokenizer,
     return _to_tensor(images), tokenizer(captions), match
 
 
-def encode_text_prefix(model: nn.Module, tokens: torch.Tensor, length: int,
+def encode_text_prefix(model: OpenClipModule, tokens: torch.Tensor, length: int,
                        rows: nn.Parameter | None = None,
                        row_of: torch.Tensor | None = None) -> torch.Tensor:
     """``model.encode_text`` on the first ``length`` positions (exact for texts that end
     before ``length``: causal attention, end-of-text pooling). With ``rows`` / ``row_of``, the
     token embedding is ``rows[row_of[token]]`` (the trained rows of the used tokens)."""
     tokens = tokens[:, :length]
-    embedded = model.token_embedding(tokens) if rows is None else rows[row_of[tokens]]
+    embedded = (model.token_embedding(tokens) if rows is None or row_of is None
+                else rows[row_of[tokens]])
     x = embedded + model.positional_embedding[:length]
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
@@ -133,7 +135,7 @@ def _lr_factor(step: int, config: PretrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(config: PretrainConfig, log=print,
+def pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
              checkpoint: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train the toy CLIP from scratch; returns it in eval mode.
 
@@ -152,7 +154,7 @@ def pretrain(config: PretrainConfig, log=print,
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(config: PretrainConfig, log,
+def _train(config: PretrainConfig, log: Callable[[str], None],
            checkpoint: Callable[[int, nn.Module], None] | None) -> nn.Module:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)

@@ -15,6 +15,7 @@ captions on every machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -90,11 +91,11 @@ def sample_scene(rng: np.random.Generator, *, shapes: tuple[str, ...] = SHAPES,
                  position=positions[rng.integers(len(positions))])
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float,
+def _polygon(shape: str, cx: float, cy: float, r: float | np.integer[Any],
              angle: float) -> list[tuple[float, float]]:
     """Vertices of a polygonal shape (all but the circle), rotated by ``angle`` radians."""
     if shape == "square":
-        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts: list[tuple[float, float]] = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         pts = [(x * 0.85, y * 0.85) for x, y in pts]
     elif shape == "triangle":
         pts = [(np.cos(a), np.sin(a)) for a in np.deg2rad([-90, 30, 150])]
@@ -114,7 +115,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float,
     return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in pts]
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float = 0.0) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, r: float | np.integer[Any],
+               angle: float = 0.0) -> np.ndarray:
     """Boolean (64, 64) mask of a shape centred at (cx, cy) with half-size ``r``."""
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(canvas)

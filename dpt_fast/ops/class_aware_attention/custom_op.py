@@ -7,6 +7,8 @@ once, when the extension is loaded.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,7 @@ def _backward_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     q, k, v, scale = inputs
     out, lse = output
     # lse is a by-product saved for backward; no gradient flows through it.
@@ -42,7 +44,8 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     ctx.scale = scale
 
 
-def _autograd_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple:
+def _autograd_backward(ctx: Any, grad_out: Tensor,
+                       grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.dpt_fast.class_aware_attention_backward(
         grad_out.to(out.dtype), q, k, v, out, lse, ctx.scale

@@ -9,6 +9,8 @@ them (imported only then), else the formula of ``reference.py`` in PyTorch, accu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,13 +26,6 @@ FORWARD_OP = "dpt_fast::prompt_attention_fwd"
 BACKWARD_OP = "dpt_fast::prompt_attention_bwd"
 
 
-def _launchers():
-    """The Triton launchers, imported on first use so that triton stays optional."""
-    from dpt_fast.kernels import prompt_attention
-
-    return prompt_attention
-
-
 @torch.library.custom_op(FORWARD_OP, mutates_args=())
 def forward_op(
     q: Tensor, k: Tensor, v: Tensor, k_prompt: Tensor, v_prompt: Tensor, causal: bool,
@@ -38,10 +33,13 @@ def forward_op(
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, fp64 for fp64 inputs)."""
     if backend(q) == "triton":
-        return _launchers().prompt_attention_fwd(q, k, v, k_prompt, v_prompt, causal, scale)
+        # The Triton launchers, imported on first use so that triton stays optional.
+        from dpt_fast.kernels.prompt_attention import prompt_attention_fwd
+
+        return prompt_attention_fwd(q, k, v, k_prompt, v_prompt, causal, scale)
     acc = torch.promote_types(q.dtype, torch.float32)
-    out, lse = attention_with_lse(*(t.to(acc) for t in (q, k, v, k_prompt, v_prompt)),
-                                  causal, scale)
+    q_acc, k_acc, v_acc, kp_acc, vp_acc = (t.to(acc) for t in (q, k, v, k_prompt, v_prompt))
+    out, lse = attention_with_lse(q_acc, k_acc, v_acc, kp_acc, vp_acc, causal, scale)
     return out.to(q.dtype).contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
@@ -52,7 +50,9 @@ def backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dk_prompt, dv_prompt), contiguous, shaped and typed like their inputs."""
     if backend(q) == "triton":
-        return _launchers().prompt_attention_bwd(
+        from dpt_fast.kernels.prompt_attention import prompt_attention_bwd
+
+        return prompt_attention_bwd(
             grad_out, q, k, v, k_prompt, v_prompt, out, lse, causal, scale)
     return _backward_math(grad_out, q, k, v, k_prompt, v_prompt, out, lse, causal, scale)
 
@@ -81,8 +81,9 @@ def _backward_math(
     dvp, dv = dvalues[:, :, :n_p], dvalues[:, :, n_p:]
     if k_prompt.shape[0] == 1:
         dkp, dvp = dkp.sum(0, keepdim=True), dvp.sum(0, keepdim=True)
-    return tuple(g.to(t.dtype).contiguous() for g, t in zip(
-        (dq, dk, dv, dkp, dvp), (q, k, v, k_prompt, v_prompt), strict=True))
+    grads = [g.to(t.dtype).contiguous() for g, t in zip(
+        (dq, dk, dv, dkp, dvp), (q, k, v, k_prompt, v_prompt), strict=True)]
+    return grads[0], grads[1], grads[2], grads[3], grads[4]
 
 
 @forward_op.register_fake
@@ -102,10 +103,11 @@ def _backward_fake(
     out: Tensor, lse: Tensor, causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Contiguous gradients shaped and typed like their inputs."""
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, k_prompt, v_prompt))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            k_prompt.new_empty(k_prompt.shape), v_prompt.new_empty(v_prompt.shape))
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     q, k, v, k_prompt, v_prompt, causal, scale = inputs
     out, lse = output
     # lse is a by-product saved for the backward; no gradient flows through it.
@@ -114,7 +116,8 @@ def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     ctx.causal, ctx.scale = causal, scale
 
 
-def _autograd_backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:
+def _autograd_backward(ctx: Any, grad_out: Tensor | None,
+                       grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, k_prompt, v_prompt, out, lse = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None, None
