@@ -86,7 +86,7 @@ class ZeroShotCLIP(nn.Module):
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of frozen image features (B, E)."""
-        text = cast(torch.Tensor, self.handcrafted_text_features)
+        text = self.handcrafted_text_features
         scale = cast(torch.Tensor, self.clip.logit_scale).exp()
         return scale * normalize(features.to(text.dtype)) @ text.t()
 

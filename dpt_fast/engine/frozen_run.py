@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dpt_fast.config import DPTConfig
 from dpt_fast.data import DatasetSplits
+from dpt_fast.data.records import Datum
 from dpt_fast.engine.config import TrainConfig, cache_settings, config_to_dict
 from dpt_fast.engine.device import autocast_dtype
 from dpt_fast.engine.distributed import barrier
@@ -40,7 +43,7 @@ from dpt_fast.methods import create_method, get_method
 log = logging.getLogger("dpt_fast")
 
 
-def _features(model, test_set: TestSet, config: TrainConfig, session: Session,
+def _features(model: Any, test_set: TestSet, config: TrainConfig, session: Session,
               clip: LoadedClip) -> torch.Tensor:
     """(N, E) frozen image features of ``test_set``: from the cache when it is on."""
     amp = autocast_dtype(config.precision, session.device)
@@ -52,7 +55,7 @@ def _features(model, test_set: TestSet, config: TrainConfig, session: Session,
     return features.float()
 
 
-def _prepared(items, model, config: TrainConfig) -> TestSet:
+def _prepared(items: Sequence[Datum], model: Any, config: TrainConfig) -> TestSet:
     """Training or validation images as the test transform gives them (lpclip's features)."""
     return prepare_test_set(items, model.geometry.image_size[0], cache_settings(config),
                             skip_unreadable=False, num_workers=config.num_workers)
@@ -66,7 +69,7 @@ def _report(predictions: torch.Tensor, test_set: TestSet, classnames: list[str])
 
 
 def _zero_shot_split(session: Session, config: TrainConfig, splits: DatasetSplits,
-                     model_config, clip: LoadedClip, subsample: str) -> dict:
+                     model_config: DPTConfig, clip: LoadedClip, subsample: str) -> dict:
     model = create_method(config.model.method, clip.module, splits.classnames, model_config)
     test_set = session.test_set(splits, subsample, model.geometry.image_size[0],
                                 cache_settings(config), skip_unreadable=config.skip_unreadable,
@@ -93,7 +96,8 @@ def check_val_shots(splits: DatasetSplits, shots: int) -> None:
                 f"{shots} shots; add validation images or use another method")
 
 
-def _linear_probe(session: Session, config: TrainConfig, splits: DatasetSplits, model_config,
+def _linear_probe(session: Session, config: TrainConfig, splits: DatasetSplits,
+                  model_config: DPTConfig,
                   clip: LoadedClip) -> tuple[dict, dict]:
     """The test report and the search's record of a linear probe."""
     from dpt_fast.linear_probe.search import search_c

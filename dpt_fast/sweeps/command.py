@@ -294,7 +294,8 @@ def _time_model(model: DPTBase, images: torch.Tensor, labels: torch.Tensor,
     return per_train, _time_eval(model, images, amp, eval_batch_size)
 
 
-def _time_eval(model, images, amp, eval_batch_size: int) -> float:
+def _time_eval(model: torch.nn.Module, images: torch.Tensor, amp: torch.dtype | None,
+               eval_batch_size: int) -> float:
     """Seconds per image of an evaluation batch."""
     import time
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpt_fast.clip_interop import OpenClipModule
-from dpt_fast.config import DPTConfig, MethodName
+from dpt_fast.config import DPTConfig
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
 from dpt_fast.data.records import Datum
 from dpt_fast.engine.device import resolve_device
@@ -81,7 +81,7 @@ def zero_shot_accuracy(clip: OpenClipModule, items: Sequence[Datum], classnames:
 def model_config(method: str) -> DPTConfig:
     """The DPTConfig of a method on the toy task: the toy recipe's prompts and template."""
     # DPTConfig checks the method's name
-    return DPTConfig(method=cast(MethodName, method), **recipe_model_values("toy", method))
+    return DPTConfig(method=method, **recipe_model_values("toy", method))
 
 
 def train_config(method: str, *, root: Path, output_dir: Path, shots: int, seed: int,
@@ -94,7 +94,7 @@ def train_config(method: str, *, root: Path, output_dir: Path, shots: int, seed:
         dataset=task.DATASET_NAME, root=str(root), shots=shots, seed=seed, recipe="toy",
         epochs=epochs, pretrained=pretrained, eval_batch_size=100, num_workers=0,
         device=device, output_dir=str(output_dir / f"{method}_seed{seed}"),
-        model=DPTConfig(method=cast(MethodName, method)))
+        model=DPTConfig(method=method))
     return apply_recipe(config, _DEMO_FIELDS)
 
 
