@@ -34,6 +34,8 @@ import open_clip
 import torch
 from torch import nn
 
+from dpt_fast.seeding import random_weights
+
 log = logging.getLogger("dpt_fast")
 
 OPENAI_TAG = "openai"
@@ -246,25 +248,30 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
             accepted) or does not fit the model (names the difference).
     """
     device = torch.device(device)
-    if spec.weights == "schema":
-        clip = open_clip.create_model(spec.model_name, load_weights=load_weights, device=device)
-    elif spec.weights == "none":
-        clip = open_clip.create_model(spec.model_name, pretrained=None, device=device)
-    elif not load_weights or spec.weights in _OPENAI_FORMATS:
-        with _no_random_init_warning():  # the weights come next, or are meant to be random
-            clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
-        if load_weights:
-            _load_openai_weights(clip, spec.pretrained)
-        clip = clip.to(device)
-    elif spec.weights == "file":
-        # Built first and loaded by open_clip's own loader (its conversions and resizing, as
-        # create_model(pretrained=path) would), so that a failure is known to be the file's.
-        with _no_random_init_warning():
-            clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
-        _load_weights_file(clip, spec.pretrained)
-        clip = clip.to(device)
-    else:
-        clip = open_clip.create_model(spec.model_name, pretrained=spec.pretrained, device=device)
+    # Random weights (--pretrained none, load_weights=False) are drawn from a fixed seed, not
+    # from whatever the process drew before, so every process builds the same CLIP; loaded
+    # weights replace them.
+    with random_weights():
+        if spec.weights == "schema":
+            clip = open_clip.create_model(spec.model_name, load_weights=load_weights, device=device)
+        elif spec.weights == "none":
+            clip = open_clip.create_model(spec.model_name, pretrained=None, device=device)
+        elif not load_weights or spec.weights in _OPENAI_FORMATS:
+            with _no_random_init_warning():  # the weights come next, or are meant to be random
+                clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+            if load_weights:
+                _load_openai_weights(clip, spec.pretrained)
+            clip = clip.to(device)
+        elif spec.weights == "file":
+            # Built first and loaded by open_clip's own loader (its conversions and resizing, as
+            # create_model(pretrained=path) would), so that a failure is known to be the file's.
+            with _no_random_init_warning():
+                clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+            _load_weights_file(clip, spec.pretrained)
+            clip = clip.to(device)
+        else:
+            clip = open_clip.create_model(spec.model_name, pretrained=spec.pretrained,
+                                          device=device)
     return clip.eval()
 
 

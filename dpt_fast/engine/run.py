@@ -45,7 +45,6 @@ from dpt_fast.engine.run_folder import (
     check_folder_flags,
     prepare_run_folder,
 )
-from dpt_fast.engine.seeding import seed_all
 from dpt_fast.engine.session import LoadedClip, Session
 from dpt_fast.engine.tensorboard import (
     TENSORBOARD_DIR,
@@ -55,6 +54,7 @@ from dpt_fast.engine.tensorboard import (
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.model import DPT
+from dpt_fast.seeding import seed_all
 from dpt_fast.state_dict_meta import META_CLASSNAMES, META_CONFIG, decode_json_tensor
 
 log = logging.getLogger("dpt_fast")

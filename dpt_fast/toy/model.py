@@ -22,6 +22,7 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpt_fast.seeding import RANDOM_WEIGHTS_SEED, random_weights
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy.world import vocabulary
 
@@ -53,13 +54,11 @@ def token_ids() -> list[int]:
     return sorted(ids)
 
 
-def build_toy_clip(seed: int | None = None) -> open_clip.CLIP:
-    """The toy CLIP architecture (``toy_clip.json``) with random weights (drawn from ``seed``,
-    or from torch's global generator when None)."""
+def build_toy_clip(seed: int = RANDOM_WEIGHTS_SEED) -> open_clip.CLIP:
+    """The toy CLIP architecture (``toy_clip.json``) with random weights drawn from ``seed``
+    (torch's global generator is left as it was)."""
     config = json.loads(CONFIG_PATH.read_text())
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with random_weights(seed):
         return open_clip.CLIP(**config)
 
 
