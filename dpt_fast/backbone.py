@@ -218,9 +218,10 @@ def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module
     ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
     name and activation are resolved by :func:`resolve_clip`.
     Backbone "toy" is the toy CLIP shipped inside the package (pretrained "toy"; see
-    :func:`dpt_fast.toy.model.load_toy_backbone`).
+    :func:`dpt_fast.toy_clip.model.load_toy_backbone`).
     """
-    from dpt_fast.toy.model import BACKBONE_NAME, load_toy_backbone
+    from dpt_fast.toy_clip import BACKBONE_NAME
+    from dpt_fast.toy_clip.model import load_toy_backbone
 
     if backbone == BACKBONE_NAME:
         return load_toy_backbone(pretrained, device)

@@ -20,7 +20,7 @@ from dpt_fast.backbone import build_clip, resolve_clip
 from dpt_fast.cli import main
 from dpt_fast.seeding import random_weights
 from dpt_fast.sweeps.plan import run_subpath
-from dpt_fast.toy.model import load_toy_backbone
+from dpt_fast.toy_clip.model import load_toy_backbone
 
 # Fields of results.json that say when and where a run ran, not what it computed.
 _WHERE_AND_WHEN = ("output_dir", "images_per_s")

@@ -17,7 +17,8 @@ from dpt_fast.data import ImageDataset, build_dataset, build_transforms
 from dpt_fast.reference import DPT as ReferenceDPT
 from dpt_fast.toy import robustness, task
 from dpt_fast.toy.demo import format_table, model_config, summarise
-from dpt_fast.toy.model import (
+from dpt_fast.toy.pretrain import PretrainConfig, pretrain
+from dpt_fast.toy_clip.model import (
     IDS_KEY,
     ROWS_KEY,
     WEIGHTS_PATH,
@@ -26,8 +27,7 @@ from dpt_fast.toy.model import (
     load_toy_clip,
     sha256_of,
 )
-from dpt_fast.toy.pretrain import PretrainConfig, pretrain
-from dpt_fast.toy.world import IMAGE_SIZE, render, sample_scene
+from dpt_fast.toy_clip.world import IMAGE_SIZE, render, sample_scene
 
 MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
 PARITY_STEPS = 20

@@ -23,6 +23,7 @@ from dpt_fast.data.crop_cache import CropDataset, TestCrops, cached_test_crops
 from dpt_fast.data.disk_cache import CacheSettings, cached_features
 from dpt_fast.data.loading import ImageReadError, load_rgb
 from dpt_fast.data.records import Datum
+from dpt_fast.ops.prompt_attention.dispatch import BACKEND_ENV
 
 log = logging.getLogger("dpt_fast")
 
@@ -108,7 +109,7 @@ def frozen_features(test_set: TestSet, model, clip_key: dict, device: torch.devi
            "precision": dtype_name, "image_size": model.geometry.image_size[0],
            # what else changes the rounding of the frozen pass
            "torch": torch.__version__, "model": type(model).__name__,
-           "backend": os.environ.get("DPT_FAST_BACKEND", "auto")}
+           "backend": os.environ.get(BACKEND_ENV, "auto")}
     memo = tuple(sorted((k, str(v)) for k, v in key.items()))
     if memo not in test_set._features:
         computed_dtype: list[torch.dtype] = []

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from dpt_fast.seeding import RANDOM_WEIGHTS_SEED, random_weights
 from dpt_fast.tokenizer import ClipTokenizer
-from dpt_fast.toy.world import vocabulary
+from dpt_fast.toy_clip import BACKBONE_NAME, PRETRAINED_TAG
+from dpt_fast.toy_clip.world import vocabulary
 
 TOY_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = TOY_DIR / "toy_clip.json"
@@ -32,9 +33,6 @@ WEIGHTS_PATH = TOY_DIR / "toy_clip.safetensors"
 MODEL_NAME = CONFIG_PATH.stem  # open_clip registers a config under its file stem
 # SHA-256 of the shipped toy_clip.safetensors; load_toy_clip refuses any other file.
 WEIGHTS_SHA256 = "a105bd3b0166abebbf446d3e4372f6adf2368b7760bd4be280b3e0926ae1990f"
-# `dpt-fast train --backbone toy --pretrained toy`: the shipped toy CLIP through the engine.
-BACKBONE_NAME = "toy"
-PRETRAINED_TAG = "toy"
 EMBEDDING_KEY = "token_embedding.weight"
 ROWS_KEY = "token_embedding.rows"
 IDS_KEY = "token_embedding.ids"
