@@ -58,9 +58,11 @@ def _deterministic_seed():
     yield
 
 
-# Small threads budget keeps the 2-core CI machine responsive; respects a user override.
+# Small threads budget keeps the 2-core CI machine responsive; respects a user override. The
+# pytest-xdist workers (pyproject's addopts) share the cores.
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red panda", "golden retriever", "tree", "airliner"]

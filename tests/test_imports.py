@@ -242,7 +242,7 @@ def test_the_extension_is_registered_when_it_is_built():
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    from test_cli_errors import DPT_FAST
+    from cli_helpers import DPT_FAST
 
     timings = []
     for _ in range(3):

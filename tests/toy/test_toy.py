@@ -95,6 +95,7 @@ def test_task_written_in_dtd_layout(tmp_path):
 CONVERGENCE_SEED = 1
 
 
+@pytest.mark.e2e
 def test_dpt_converges_across_rounding_environments(tmp_path):
     """DPT with the demo's recipe (seed 1), trained through the engine in three subprocesses
     that round differently (``robustness.distinct_environments``: the default, one thread, and

@@ -10,10 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
+from cli_helpers import DPT_FAST
 from conftest import COLOURS
 from data_fixtures import make_split_dataset
-from test_cli_errors import DPT_FAST
 
 from dpt_fast import checkpoint as ckpt
 from dpt_fast.backbone import build_clip, resolve_clip
@@ -92,6 +93,7 @@ def _dpt_fast(*args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_two_processes_train_and_evaluate_the_same_random_weights_run(
         clip_files, colour_folder, tmp_path):
     # One run in a fresh process, the same run and the evaluation in this one.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import DPT_FAST, error_line, train_args
+from cli_helpers import DPT_FAST, error_line, train_args
 
 from dpt_fast import DPT, DPTConfig
 from dpt_fast.data.disk_cache import CacheSettings
