@@ -41,6 +41,14 @@ atexit.register(shutil.rmtree, os.environ["DPT_FAST_CACHE_DIR"], ignore_errors=T
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # The test suite holds no benchmarks: with pytest-benchmark installed, turn it off here rather
+    # than let it warn, in every xdist worker, that it turns itself off.
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_collection_modifyitems(config, items):
     if REQUIRE_CUDA and not HAS_CUDA:
         raise pytest.UsageError(
