@@ -54,7 +54,7 @@ class SeededSamples(Dataset):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style: it has a length
 
     def __getitem__(self, index: int):
         sample_seed = (self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index

@@ -118,9 +118,15 @@ def _over_seeds(runs: list[Run], key: Callable[[Run], tuple],
                 value: Callable[[Run], float | None]) -> dict[tuple, Stat]:
     values: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
-        if value(run) is not None:
-            values[key(run)].append(value(run))
+        found = value(run)
+        if found is not None:
+            values[key(run)].append(found)
     return {k: Stat.over_seeds(v) for k, v in values.items()}
+
+
+def _present(cells: Iterable[Stat | None]) -> list[Stat]:
+    """The cells that hold a value."""
+    return [cell for cell in cells if cell is not None]
 
 
 def _shots_label(shots: int) -> str:
@@ -169,8 +175,8 @@ def _base2new(runs: list[Run], show_backbone: bool) -> list[Table]:
         per = [_over_seeds(members, lambda r: (r.dataset,), m) for m in metrics]
         datasets = sorted({r.dataset for r in members})
         rows = [Row(d, d, shots, [p[d,] for p in per]) for d in datasets]
-        base = Stat.average([row.cells[0] for row in rows])
-        new = Stat.average([row.cells[1] for row in rows])
+        base = Stat.average(_present(row.cells[0] for row in rows))
+        new = Stat.average(_present(row.cells[1] for row in rows))
         # As the CoOp/CoCoOp papers: H of the averages, not the average of the per-dataset Hs.
         h = Stat(_harmonic_mean(base.mean, new.mean), None, len(rows))
         average = Row("Average", "Average", shots, [base, new, h], ["", "", ""], average=True)
@@ -192,7 +198,7 @@ def _cross_dataset(runs: list[Run], show_backbone: bool) -> list[Table]:
                                                 for r in members}):
             mine = [r for r in members if (r.dataset, r.shots, r.subsample) == (
                 source, shots, subsample)]
-            cells = [Stat.over_seeds([r.accuracy for r in mine])]
+            cells: list[Stat | None] = [Stat.over_seeds([r.accuracy for r in mine])]
             for target in targets:
                 values = [r.transfers[target] for r in mine if target in r.transfers]
                 cells.append(Stat.over_seeds(values) if values else None)
@@ -219,7 +225,7 @@ def _zero_shot(results: list[ZeroShot], show_backbone: bool) -> list[Table]:
         datasets = sorted({z.dataset for z in mine})
         rows = [Row(d, d, 0, [Stat.over_seeds([z.accuracy for z in mine if z.dataset == d])])
                 for d in datasets]
-        average = Row("Average", "Average", 0, [Stat.average([r.cells[0] for r in rows])],
+        average = Row("Average", "Average", 0, [Stat.average(_present(r.cells[0] for r in rows))],
                       [""], average=True)
         title = f"zero-shot CLIP ({backbone})" if show_backbone else "zero-shot CLIP"
         tables.append(Table("zero_shot", "zero-shot", backbone, "", title, "Dataset",
