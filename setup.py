@@ -146,7 +146,7 @@ if __name__ == "__main__":
         # never as a top-level "kernels" package.
         package_dir={"dpt_fast.kernels": "kernels"},
         # The toy CLIP of `dpt-fast demo` ships inside the package (weights, config, card).
-        package_data={"dpt_fast.toy": ["*.safetensors", "*.json", "*.md"]},
+        package_data={"dpt_fast.toy": ["*.md"], "dpt_fast.toy_clip": ["*.safetensors", "*.json"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

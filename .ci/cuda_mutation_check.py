@@ -4,7 +4,7 @@
 Copies ``csrc`` to a temporary folder, checks that the emulated tests pass on the copy, then
 applies one mutant at a time — each ``__syncthreads()`` removed in turn, shuffle offsets and lanes
 changed, loop bounds off by one, tail guards removed, shared-memory indices shifted — and runs
-``tests/test_cuda_emulation.py`` against it (``-x``: the first failing test kills the mutant).
+``tests/ops/test_cuda_emulation.py`` against it (``-x``: the first failing test kills the mutant).
 Prints the table mutant -> killed by which test; exits 1 when a mutant survives or the unmodified
 copy fails. One build folder serves every mutant, so ninja recompiles only the translation unit
 a mutant touched.
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FORWARD = "class_aware_attention_cuda_forward.cu"
 BACKWARD = "class_aware_attention_cuda_backward.cu"
 SHARED = "class_aware_attention_cuda.cuh"
-TEST = "tests/test_cuda_emulation.py"
+TEST = "tests/ops/test_cuda_emulation.py"
 # Per mutant: compile of the touched unit (about a minute on 2 cores) and the tests up to the
 # first failure; a mutant that makes the kernels loop forever still ends at the launch limit.
 MUTANT_TIMEOUT_S = 900
@@ -150,7 +150,7 @@ def run_tests(env: dict[str, str], log_file: Path | None) -> tuple[bool, str, fl
     start = time.monotonic()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+            [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
              "-m", "emulated_cuda", TEST],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=MUTANT_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -72,7 +72,7 @@ from dpt_fast.data.loading import (
 )
 from dpt_fast.data.records import Datum
 from dpt_fast.engine.sampler import GlobalBatchSampler
-from dpt_fast.engine.seeding import SeededSamples
+from dpt_fast.seeding import SeededSamples
 
 
 def _sibling(name: str):

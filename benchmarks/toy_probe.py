@@ -27,9 +27,10 @@ from json_report import emit
 from dpt_fast.data import ImageDataset, build_dataset, build_transforms
 from dpt_fast.tokenizer import ClipTokenizer
 from dpt_fast.toy import task
-from dpt_fast.toy.model import PRETRAINED_TAG, load_toy_backbone
 from dpt_fast.toy.pretrain import _to_tensor
-from dpt_fast.toy.world import COLOURS, POSITIONS, SHAPES, TEXTURES, render, sample_scene
+from dpt_fast.toy_clip import PRETRAINED_TAG
+from dpt_fast.toy_clip.model import load_toy_backbone
+from dpt_fast.toy_clip.world import COLOURS, POSITIONS, SHAPES, TEXTURES, render, sample_scene
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES,
               "position": tuple(POSITIONS)}

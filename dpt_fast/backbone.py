@@ -35,6 +35,8 @@ import open_clip
 import torch
 from torch import nn
 
+from dpt_fast.seeding import random_weights
+
 log = logging.getLogger("dpt_fast")
 
 OPENAI_TAG = "openai"
@@ -217,9 +219,10 @@ def load_clip(backbone: str, pretrained: str, device: torch.device) -> nn.Module
     ``ViT-B-16.pt`` too), or "" / "none" for random weights (tests, smoke runs). The model
     name and activation are resolved by :func:`resolve_clip`.
     Backbone "toy" is the toy CLIP shipped inside the package (pretrained "toy"; see
-    :func:`dpt_fast.toy.model.load_toy_backbone`).
+    :func:`dpt_fast.toy_clip.model.load_toy_backbone`).
     """
-    from dpt_fast.toy.model import BACKBONE_NAME, load_toy_backbone
+    from dpt_fast.toy_clip import BACKBONE_NAME
+    from dpt_fast.toy_clip.model import load_toy_backbone
 
     if backbone == BACKBONE_NAME:
         return load_toy_backbone(pretrained, device)
@@ -247,27 +250,32 @@ def build_clip(spec: ClipSpec, device: torch.device | str = "cpu", *,
             accepted) or does not fit the model (names the difference).
     """
     device = torch.device(device)
-    if spec.weights == "schema":
-        clip = open_clip.create_model(spec.model_name, load_weights=load_weights, device=device)
-    elif spec.weights == "none":
-        clip = open_clip.create_model(spec.model_name, pretrained=None, device=device)
-    elif not load_weights or spec.weights in _OPENAI_FORMATS:
-        with _no_random_init_warning():  # the weights come next, or are meant to be random
-            clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
-        if load_weights:
-            assert spec.pretrained is not None  # OpenAI's formats are files
-            _load_openai_weights(clip, spec.pretrained)
-        clip = clip.to(device)
-    elif spec.weights == "file":
-        # Built first and loaded by open_clip's own loader (its conversions and resizing, as
-        # create_model(pretrained=path) would), so that a failure is known to be the file's.
-        with _no_random_init_warning():
-            clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
-        assert spec.pretrained is not None  # weights "file" name one
-        _load_weights_file(clip, spec.pretrained)
-        clip = clip.to(device)
-    else:
-        clip = open_clip.create_model(spec.model_name, pretrained=spec.pretrained, device=device)
+    # Random weights (--pretrained none, load_weights=False) are drawn from a fixed seed, not
+    # from whatever the process drew before, so every process builds the same CLIP; loaded
+    # weights replace them.
+    with random_weights():
+        if spec.weights == "schema":
+            clip = open_clip.create_model(spec.model_name, load_weights=load_weights, device=device)
+        elif spec.weights == "none":
+            clip = open_clip.create_model(spec.model_name, pretrained=None, device=device)
+        elif not load_weights or spec.weights in _OPENAI_FORMATS:
+            with _no_random_init_warning():  # the weights come next, or are meant to be random
+                clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+            if load_weights:
+                assert spec.pretrained is not None  # OpenAI's formats are files
+                _load_openai_weights(clip, spec.pretrained)
+            clip = clip.to(device)
+        elif spec.weights == "file":
+            # Built first and loaded by open_clip's own loader (its conversions and resizing, as
+            # create_model(pretrained=path) would), so that a failure is known to be the file's.
+            with _no_random_init_warning():
+                clip = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+            assert spec.pretrained is not None  # weights "file" name one
+            _load_weights_file(clip, spec.pretrained)
+            clip = clip.to(device)
+        else:
+            clip = open_clip.create_model(spec.model_name, pretrained=spec.pretrained,
+                                          device=device)
     return clip.eval()
 
 

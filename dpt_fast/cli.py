@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "aggregate results.json files over seeds")
     report.add_argument("runs", type=Path, help="folder searched recursively for results")
     report.add_argument("--out", type=Path, help="also write the summary JSON here")
-    from dpt_fast.reports.tables import FORMATS
+    from dpt_fast.reports.render import FORMATS
 
     report.add_argument("--format", choices=FORMATS,
                         default="summary",

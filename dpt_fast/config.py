@@ -22,7 +22,7 @@ from dpt_fast.config_fields import (
     fields_with,
     with_roles,
 )
-from dpt_fast.methods import METHOD_NAMES
+from dpt_fast.method_registry import METHOD_NAMES
 
 # A registered method's name (dpt_fast.methods.METHOD_NAMES); the DPT presets are DPT_PRESETS.
 MethodName = str

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import open_clip
-import torch
+
+from dpt_fast.seeding import random_weights
 
 
 def tiny_clip(
@@ -24,8 +25,7 @@ def tiny_clip(
 
     The default is small enough for float64 gradcheck; QuickGELU as in OpenAI's weights.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with random_weights(seed):
         model = open_clip.CLIP(
             embed_dim=embed_dim,
             vision_cfg=open_clip.CLIPVisionCfg(
@@ -43,7 +43,6 @@ def tiny_clip(
 
 def vit_b16_clip(seed: int = 0) -> open_clip.CLIP:
     """open_clip's ViT-B-16 architecture (OpenAI's: QuickGELU) with random weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with random_weights(seed):
         model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
     return model.eval()

@@ -41,6 +41,14 @@ atexit.register(shutil.rmtree, os.environ["DPT_FAST_CACHE_DIR"], ignore_errors=T
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # The test suite holds no benchmarks: with pytest-benchmark installed, turn it off here rather
+    # than let it warn, in every xdist worker, that it turns itself off.
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_collection_modifyitems(config, items):
     if REQUIRE_CUDA and not HAS_CUDA:
         raise pytest.UsageError(
@@ -58,9 +66,11 @@ def _deterministic_seed():
     yield
 
 
-# Small threads budget keeps the 2-core CI machine responsive; respects a user override.
+# Small threads budget keeps the 2-core CI machine responsive; respects a user override. The
+# pytest-xdist workers (pyproject's addopts) share the cores.
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red panda", "golden retriever", "tree", "airliner"]

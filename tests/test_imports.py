@@ -1,4 +1,6 @@
-"""The package's import structure: no cycles, and the model layer never imports the engine.
+"""The package's structure: no import cycles between modules or between packages, each package
+in its layer (docs/DESIGN.md §4), the model layer never importing the engine, and no source
+file longer than the limit.
 
 Imports are read from the source (every ``import`` statement, those inside functions too,
 since a lazy import is still a dependency; ``if TYPE_CHECKING:`` blocks excepted), so the test
@@ -22,10 +24,29 @@ PACKAGE_DIR = Path(dpt_fast.__file__).parent
 # The model layer (docs/DESIGN.md §4): what `from dpt_fast import DPT` needs. It must work
 # without the training engine, so nothing in it may import dpt_fast.engine.
 MODEL_LAYER = ("dpt_fast.base", "dpt_fast.model", "dpt_fast.reference", "dpt_fast.fast",
-               "dpt_fast.cocoop",
+               "dpt_fast.cocoop", "dpt_fast.zero_shot", "dpt_fast.linear_probe",
                "dpt_fast.prompts", "dpt_fast.loss", "dpt_fast.state_dict_meta",
-               "dpt_fast.backbone", "dpt_fast.checkpoint", "dpt_fast.clip_interop",
-               "dpt_fast.ops", "dpt_fast.config")
+               "dpt_fast.state_dict_transfer", "dpt_fast.backbone", "dpt_fast.checkpoint",
+               "dpt_fast.clip_interop", "dpt_fast.ops", "dpt_fast.config")
+# The layers of docs/DESIGN.md §4, bottom first: the packages (a subpackage or a top-level
+# module of dpt_fast; "dpt_fast" is its __init__) of each. A package imports packages of its own
+# layer or of layers below it, never above; a new package must be given its layer here.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundation", ("errors", "files", "output", "tokenizer", "config_fields", "method_registry",
+                    "config",
+                    "seeding", "checkpoint", "official", "ops", "clip_interop", "testing")),
+    ("inputs", ("data", "toy_clip")),
+    ("model", ("backbone", "state_dict_meta", "state_dict_transfer", "prompts", "loss", "base",
+               "fast", "reference", "model", "cocoop", "zero_shot", "linear_probe", "dpt_fast")),
+    ("methods", ("methods",)),
+    ("engine", ("engine",)),
+    ("commands", ("sweeps", "reports", "prediction", "toy")),
+    ("cli", ("cli", "__main__")),
+)
+# No source file of the package (dpt_fast/, and kernels/, installed as dpt_fast.kernels) above
+# this many lines: one job per module.
+MAX_FILE_LINES = 450
+KERNELS_DIR = PACKAGE_DIR.parent / "kernels"
 
 
 def _module_names() -> dict[str, Path]:
@@ -114,6 +135,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
+def _package(module: str) -> str:
+    """The package of ``module``: its subpackage or top-level module of dpt_fast."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+PACKAGE_GRAPH: dict[str, set[str]] = {_package(m): set() for m in GRAPH}
+for _module, _targets in GRAPH.items():
+    PACKAGE_GRAPH[_package(_module)] |= {_package(t) for t in _targets} - {_package(_module)}
+
+
 def _in_layer(module: str, layer: tuple[str, ...]) -> bool:
     return any(module == name or module.startswith(name + ".") for name in layer)
 
@@ -124,11 +156,47 @@ def test_the_import_graph_is_read():
     assert "dpt_fast.backbone" in GRAPH["dpt_fast.base"]  # inside from_checkpoint
     assert "dpt_fast.base" not in GRAPH["dpt_fast.state_dict_meta"]  # TYPE_CHECKING only
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _package("dpt_fast.engine.run") == "engine" and _package("dpt_fast") == "dpt_fast"
+    assert "data" in PACKAGE_GRAPH["engine"] and "engine" in PACKAGE_GRAPH["sweeps"]
 
 
 def test_no_import_cycles():
     cycles = _cycles(GRAPH)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_package_cycles():
+    # A cycle between packages that no two modules close (a -> b.x, b.y -> a) still ties them.
+    cycles = _cycles(PACKAGE_GRAPH)
+    assert not cycles, "package cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_every_package_has_a_layer():
+    placed = [name for _, packages in LAYERS for name in packages]
+    assert len(placed) == len(set(placed)), "a package in two layers"
+    assert set(placed) == set(PACKAGE_GRAPH), (
+        f"not in LAYERS (and docs/DESIGN.md §4): {sorted(set(PACKAGE_GRAPH) - set(placed))}; "
+        f"gone: {sorted(set(placed) - set(PACKAGE_GRAPH))}")
+
+
+def test_packages_import_only_their_layer_and_below():
+    level = {name: i for i, (_, packages) in enumerate(LAYERS) for name in packages}
+    upward = sorted(
+        f"{source} ({LAYERS[level[source]][0]}) -> {target} ({LAYERS[level[target]][0]}): "
+        + ", ".join(sorted(f"{m} -> {t}" for m in GRAPH if _package(m) == source
+                           for t in GRAPH[m] if _package(t) == target))
+        for source, targets in PACKAGE_GRAPH.items() for target in targets
+        if level.get(target, -1) > level.get(source, len(LAYERS)))
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)
+
+
+def test_no_source_file_is_too_long():
+    files = [*PACKAGE_DIR.rglob("*.py"), *KERNELS_DIR.rglob("*.py")]
+    assert len(files) > len(MODULES) // 2  # the folders were found
+    long = sorted(f"{path.relative_to(PACKAGE_DIR.parent)}: {lines}" for path in files
+                  if (lines := len(path.read_text(encoding="utf-8").splitlines()))
+                  > MAX_FILE_LINES)
+    assert not long, f"split by job (at most {MAX_FILE_LINES} lines): " + "; ".join(long)
 
 
 def test_the_model_layer_never_imports_the_engine():
@@ -177,7 +245,7 @@ def test_the_extension_is_registered_when_it_is_built():
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    from test_cli_errors import DPT_FAST
+    from cli_helpers import DPT_FAST
 
     timings = []
     for _ in range(3):

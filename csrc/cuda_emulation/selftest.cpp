@@ -1,4 +1,4 @@
-// Small kernels that show the emulation's checks at work (tests/test_cuda_emulation.py): each
+// Small kernels that show the emulation's checks at work (tests/ops/test_cuda_emulation.py): each
 // breaks one rule on purpose, and the test expects the emulation to say so.
 #include "cuda_emulation.h"
 

@@ -8,7 +8,7 @@ Modules: :mod:`.records` (the Datum record), :mod:`.pickling` (Dassl-compatible,
 pickle files), :mod:`.fewshot` (Dassl's few-shot draws, CoOp's cache and base/new split),
 :mod:`.readers` (CoOp's layouts), :mod:`.datasets` (registry and builders), :mod:`.loading`
 (transforms and the image Dataset; the training engine seeds and
-batches it, see :mod:`dpt_fast.engine.seeding`).
+batches it, see :mod:`dpt_fast.seeding`).
 """
 
 from dpt_fast.data.datasets import (

@@ -7,7 +7,7 @@ the main process afterwards never reaches them: they would seed every epoch's au
 with the first epoch. Here the epoch travels with the indices instead. The batch sampler runs
 in the main process (at ``iter(loader)``, after ``set_epoch``), so :class:`EpochIndices` turns
 each batch ``[i, ...]`` into ``[(epoch, i), ...]`` and :class:`EpochSeededSamples` seeds sample
-``i`` of that epoch exactly as :class:`~dpt_fast.engine.seeding.SeededSamples` does:
+``i`` of that epoch exactly as :class:`~dpt_fast.seeding.SeededSamples` does:
 
 >>> sampler = EpochIndices(GlobalBatchSampler(n, batch_size, rank, world, seed))  # doctest: +SKIP
 >>> cache = default_cache_ram_bytes(workers)                                     # doctest: +SKIP
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dpt_fast.engine.seeding import SeededSamples
+from dpt_fast.seeding import SeededSamples
 
 EpochIndex = tuple[int, int]  # (epoch, sample index)
 
@@ -64,7 +64,7 @@ class EpochIndices:
 
 class EpochSeededSamples(Dataset):
     """``dataset[index]`` for the key ``(epoch, index)``, its random transforms seeded per (run
-    seed, epoch, index) exactly as :class:`~dpt_fast.engine.seeding.SeededSamples` seeds them
+    seed, epoch, index) exactly as :class:`~dpt_fast.seeding.SeededSamples` seeds them
     (the same class does the seeding, with its epoch set from the key)."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:

@@ -24,6 +24,7 @@ from dpt_fast.data.crop_cache import CropDataset, TestCrops, cached_test_crops
 from dpt_fast.data.disk_cache import CacheSettings, cached_features
 from dpt_fast.data.loading import ImageReadError, load_rgb
 from dpt_fast.data.records import Datum
+from dpt_fast.ops.prompt_attention.dispatch import BACKEND_ENV
 
 if TYPE_CHECKING:
     from dpt_fast.base import DPTBase
@@ -115,7 +116,7 @@ def frozen_features(test_set: TestSet, model: DPTBase, clip_key: dict[str, Any],
            "torch": torch.__version__,
            # the frozen pass's code: models that run the same pass share the features
            "model": getattr(model, "frozen_pass_id", type(model).__name__),
-           "backend": os.environ.get("DPT_FAST_BACKEND", "auto")}
+           "backend": os.environ.get(BACKEND_ENV, "auto")}
     memo = tuple(sorted((k, str(v)) for k, v in key.items()))
     if memo not in test_set._features:
         computed_dtype: list[torch.dtype] = []

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dpt_fast.config_fields import defaults
 from dpt_fast.methods import get_method
+from dpt_fast.toy_clip import TOY_TEMPLATE
 
 if TYPE_CHECKING:
     from dpt_fast.engine.config import TrainConfig
@@ -49,7 +50,6 @@ class Recipe:
     model: Mapping[str, Any] = field(default_factory=dict)
 
 
-TOY_TEMPLATE = "a photo of a {}."  # the toy CLIP's captions: "a red striped square", ...
 # The toy recipe, the same for every method: SGD (the engine's momentum 0.9, weight decay 5e-4)
 # through the engine's schedule: one constant warm-up epoch at the engine's 1e-5, then a cosine
 # decay over the run. See dpt_fast/toy/MODEL_CARD.md for how it was chosen and what it gives.

@@ -4,7 +4,8 @@
 * base-to-new: ``train_run`` with subsample="base" also evaluates the new classes and reports
   the harmonic mean;
 * cross-dataset and domain generalisation: ``eval_run`` of a checkpoint on another dataset
-  (its classes may differ: the class-independent prompts transfer, see ``load_for_classes``).
+  (its classes may differ: the class-independent prompts transfer, see
+  :func:`dpt_fast.state_dict_transfer.load_for_classes`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,6 @@ from dpt_fast.engine.run_folder import (
     prepare_run_folder,
 )
 from dpt_fast.engine.run_setup import check_writable, data_summary, model_config_for
-from dpt_fast.engine.seeding import seed_all
 from dpt_fast.engine.session import LoadedClip, Session
 from dpt_fast.engine.tensorboard import (
     TENSORBOARD_DIR,
@@ -56,49 +55,10 @@ from dpt_fast.engine.tensorboard import (
 from dpt_fast.engine.trainer import Trainer
 from dpt_fast.files import write_json
 from dpt_fast.methods import create_method, get_method
-from dpt_fast.state_dict_meta import META_CLASSNAMES, META_CONFIG, decode_json_tensor
+from dpt_fast.seeding import seed_all
+from dpt_fast.state_dict_transfer import load_for_classes
 
 log = logging.getLogger("dpt_fast")
-
-# Tensors tied to the training classes: they cannot move to another class set.
-_CLASS_SPECIFIC = re.compile(r"^cavpt\.layers\.\d+\.classifier\.weight$")
-
-
-def load_for_classes(model: DPTBase, state: dict[str, torch.Tensor]) -> None:
-    """Load a DPT state_dict into ``model``, which may be built for other classes.
-
-    Same classes: strict ``load_state_dict``. Other classes (cross-dataset, base-to-new,
-    domain generalisation): everything but the CAVPT layer classifiers, as the authors' loader
-    does; the config must match, and class-specific text contexts cannot transfer.
-    """
-    source_classes = decode_json_tensor(state[META_CLASSNAMES])
-    source_config = decode_json_tensor(state[META_CONFIG])
-    # The template only builds the frozen hand-crafted features: each dataset keeps its own.
-    # Per-dataset fields (the template) only build the frozen hand-crafted features: each
-    # dataset keeps its own.
-    diff = model.config.differing_model_fields(source_config,
-                                               ignore=fields_with(DPTConfig, PER_DATASET))
-    if diff:
-        raise ValueError(f"checkpoint config differs from this model in {diff}")
-    same_classes = source_classes == model.classnames
-    # (a model whose config has no template or class-specific context: CoCoOp)
-    if same_classes and source_config.get("template") == getattr(model.config, "template", None):
-        model.load_state_dict(state)
-        return
-    if getattr(model.config, "class_specific_ctx", False) and not same_classes:
-        raise ValueError("class-specific text contexts (class_specific_ctx=True) belong to the "
-                         "training classes and cannot be evaluated on other classes")
-
-    def transferred(key: str) -> bool:
-        return not key.startswith("dpt_meta.") and (same_classes or not _CLASS_SPECIFIC.match(key))
-
-    result = model.load_state_dict({k: v for k, v in state.items() if transferred(k)},
-                                   strict=False)
-    left = [k for k in result.missing_keys if transferred(k)]
-    if left or result.unexpected_keys:
-        raise ValueError(f"checkpoint does not fit: missing {left}, "
-                         f"unexpected {result.unexpected_keys}")
-
 
 def _eval_split(model: DPTBase, test_set: TestSet, config: TrainConfig, session: Session,
                 clip: LoadedClip, desc: str) -> dict:
@@ -388,5 +348,4 @@ def eval_in_session(session: Session, config: TrainConfig, *, checkpoint: str | 
     return results
 
 
-__all__ = ["LAST_CHECKPOINT", "eval_in_session", "eval_run", "load_for_classes", "run_in_session",
-           "train_run"]
+__all__ = ["LAST_CHECKPOINT", "eval_in_session", "eval_run", "run_in_session", "train_run"]

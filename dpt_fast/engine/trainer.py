@@ -1,7 +1,7 @@
 """The training loop: the authors' recipe on one device or many (torchrun / DDP).
 
 The data order comes from :class:`~dpt_fast.engine.sampler.GlobalBatchSampler` and each
-sample's augmentation from :class:`~dpt_fast.engine.seeding.SeededSamples`; with the optimizer,
+sample's augmentation from :class:`~dpt_fast.seeding.SeededSamples`; with the optimizer,
 scheduler and RNG states in every checkpoint, a resumed run repeats the uninterrupted one.
 """
 

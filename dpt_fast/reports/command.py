@@ -1,13 +1,16 @@
-"""``dpt-fast report``: the summary table, the paper's tables (:mod:`.report_table`) and the
-accuracy-vs-shots figure (:mod:`.report_plot`, imported only for ``--plot``)."""
+"""``dpt-fast report``: the summary table (:mod:`.summary`), the paper's tables (read by
+:mod:`.collect`, built by :mod:`.tables`, written by :mod:`.render`) and the accuracy-vs-shots
+figure (:mod:`.plot`, imported only for ``--plot``)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from dpt_fast.reports.collect import collect
+from dpt_fast.reports.render import FORMATS, RENDERERS
 from dpt_fast.reports.summary import report_runs
-from dpt_fast.reports.tables import FORMATS, RENDERERS, build_tables, collect, notes
+from dpt_fast.reports.tables import build_tables, notes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from dpt_fast.files import atomic_write_bytes
-from dpt_fast.reports.tables import MatplotlibMissing, Table, marks
+from dpt_fast.reports.tables import Table, marks
+
+
+class MatplotlibMissing(ImportError, ValueError):
+    """``--plot`` without matplotlib. A ValueError too, so that the CLI reports it as bad input
+    (one line, exit 2) rather than as an internal error."""
 
 
 def matplotlib_parts() -> tuple[Any, Any, Any]:

@@ -1,2 +1,3 @@
-"""A toy world, a toy CLIP pretrained on it (shipped, 3 MB) and a toy few-shot task: a real
-first run of dpt_fast with no downloads (``dpt-fast demo``). See MODEL_CARD.md."""
+"""Toy few-shot tasks in the toy world, ``dpt-fast demo`` on them and the toy CLIP's
+pretraining: a real first run of dpt_fast with no downloads. The toy CLIP itself (world,
+weights, loader) is :mod:`dpt_fast.toy_clip`, below the model layer. See MODEL_CARD.md."""

@@ -33,7 +33,6 @@ from dpt_fast.data.records import Datum
 from dpt_fast.engine.device import resolve_device
 from dpt_fast.engine.recipe import TOY_MODEL, TOY_RUN, apply_recipe, recipe_model_values
 from dpt_fast.toy import task
-from dpt_fast.toy.model import PRETRAINED_TAG, load_toy_backbone
 from dpt_fast.toy.options import (
     DEFAULT_EPOCHS,
     DEFAULT_METHODS,
@@ -42,6 +41,8 @@ from dpt_fast.toy.options import (
     DEFAULT_SHOTS,
     add_demo_arguments,
 )
+from dpt_fast.toy_clip import PRETRAINED_TAG
+from dpt_fast.toy_clip.model import load_toy_backbone
 from dpt_fast.zero_shot import zero_shot_classifier
 
 if TYPE_CHECKING:

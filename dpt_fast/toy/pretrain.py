@@ -1,6 +1,6 @@
 """Contrastive pretraining of the toy CLIP on captioned toy-world images.
 
-``python -m dpt_fast.toy.pretrain --out dpt_fast/toy/toy_clip.safetensors`` (all defaults:
+``python -m dpt_fast.toy.pretrain --out dpt_fast/toy_clip/toy_clip.safetensors`` (all defaults:
 seed 0, 6000 steps of 64, one CPU thread) is the recipe of the shipped weights. The data stream
 is reproducible from the seed, and the training runs with deterministic kernels at a fixed
 thread count, so a rerun with the same torch build on the same kind of CPU gives the same file
@@ -37,14 +37,22 @@ from torch import nn
 from dpt_fast.clip_interop import OpenClipModule
 from dpt_fast.data.loading import CLIP_MEAN, CLIP_STD
 from dpt_fast.tokenizer import ClipTokenizer
-from dpt_fast.toy.model import (
+from dpt_fast.toy_clip.model import (
     WEIGHTS_PATH,
     build_toy_clip,
     load_toy_clip,
     save_toy_weights,
     token_ids,
 )
-from dpt_fast.toy.world import COLOURS, POSITIONS, SHAPES, TEXTURES, Scene, render, sample_scene
+from dpt_fast.toy_clip.world import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    render,
+    sample_scene,
+)
 
 # Probability that a caption names each attribute (the shape is always named).
 MENTION_COLOUR = 0.5

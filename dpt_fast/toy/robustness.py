@@ -11,7 +11,7 @@ environments that change the rounding and checks the issue's criteria on each ru
   ``MAX_LOSS_INCREASE`` (relative);
 * for one seed, the accuracies across environments lie within ``MAX_SPREAD`` points.
 
-Used by ``tests/test_toy.py`` (a cross-environment check in every ``pytest`` run) and
+Used by ``tests/toy/test_toy.py`` (a cross-environment check in every ``pytest`` run) and
 ``benchmarks/toy_robustness.py`` (the full table).
 """
 

@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dpt_fast.engine.recipe import TOY_TEMPLATE
-from dpt_fast.toy.world import COLOURS, SHAPES, TEXTURES, Scene, render, sample_scene
+from dpt_fast.toy_clip import TOY_TEMPLATE
+from dpt_fast.toy_clip.world import COLOURS, SHAPES, TEXTURES, Scene, render, sample_scene
 
-TEMPLATE = TOY_TEMPLATE  # "a photo of a {}.": the toy recipe's, one source of truth
+TEMPLATE = TOY_TEMPLATE  # "a photo of a {}.": the toy CLIP's captions, one source of truth
 TASK_POSITION = "centre"
 TASK_SHAPE = "square"  # the one shape of the dtd task
 ANY_SHAPE = "shape"  # the word of class names whose scenes take any of the world's shapes

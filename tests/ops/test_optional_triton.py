@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Blocks `import triton` as if it were not installed; then builds and trains both models on CPU.
 WITHOUT_TRITON = """

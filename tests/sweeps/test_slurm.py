@@ -69,7 +69,7 @@ SBATCH_LENIENT = frozenset({"1-", "-5"})
 
 def test_time_formats_agree_with_sbatch(cluster, tmp_path):
     """What dpt-fast accepts as --slurm-time, sbatch accepts; what sbatch refuses, so does
-    dpt-fast (tests/test_slurm_script.py: the lists)."""
+    dpt-fast (tests/sweeps/test_slurm_script.py: the lists)."""
     for value in (*GOOD_TIMES, *BAD_TIMES):
         test_only = cluster.run("sbatch", "--test-only", f"--time={value}", "--wrap", "true",
                                 cwd=tmp_path, check=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import DPT_FAST, error_line
 from data_fixtures import make_split_dataset
-from test_cli_errors import DPT_FAST, error_line
 
 from dpt_fast import checkpoint as ckpt
 from dpt_fast.cli import main
@@ -57,6 +57,7 @@ def _prompts(folder: Path) -> dict[str, torch.Tensor]:
     return ckpt.model_state(tensors)
 
 
+@pytest.mark.e2e
 def test_each_sweep_run_is_the_single_train_run(clip_files, sweep_root, tmp_path):
     out = tmp_path / "sweep"
     flags = _model_flags(clip_files, sweep_root)
@@ -96,6 +97,7 @@ def _done_now(stdout: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.e2e
 def test_kill_9_then_rerun_gives_the_same_results(clip_files, sweep_root, tmp_path):
     epochs = 8  # long enough for the kill to land inside the second run
     reference = tmp_path / "uninterrupted"
@@ -129,6 +131,7 @@ def test_kill_9_then_rerun_gives_the_same_results(clip_files, sweep_root, tmp_pa
             assert not (killed / name / ".dpt-fast.lock").exists()
 
 
+@pytest.mark.e2e
 def test_two_processes_on_one_grid_run_each_run_once(clip_files, sweep_root, tmp_path):
     out = tmp_path / "shared"
     # Two shards and a third process with the whole grid: every run is claimed once.

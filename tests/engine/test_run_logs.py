@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from test_cli_errors import DPT_FAST, train_args
+from cli_helpers import DPT_FAST, train_args
 
 from dpt_fast.engine.progress import Progress, ProgressSettings, format_duration
 

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 from dpt_fast import DPT, DPTConfig
 from dpt_fast import checkpoint as ckpt
 from dpt_fast.engine.metrics import classification_report, harmonic_mean
-from dpt_fast.engine.run import load_for_classes
 from dpt_fast.engine.schedule import build_scheduler, dassl_lr
+from dpt_fast.state_dict_transfer import load_for_classes
 
 
 def _dassl_reference_lrs(base, max_epochs, warmup, warmup_lr):

@@ -17,7 +17,8 @@ from dpt_fast.data import ImageDataset, build_dataset, build_transforms
 from dpt_fast.reference import DPT as ReferenceDPT
 from dpt_fast.toy import robustness, task
 from dpt_fast.toy.demo import format_table, model_config, summarise
-from dpt_fast.toy.model import (
+from dpt_fast.toy.pretrain import PretrainConfig, pretrain
+from dpt_fast.toy_clip.model import (
     IDS_KEY,
     ROWS_KEY,
     WEIGHTS_PATH,
@@ -26,8 +27,7 @@ from dpt_fast.toy.model import (
     load_toy_clip,
     sha256_of,
 )
-from dpt_fast.toy.pretrain import PretrainConfig, pretrain
-from dpt_fast.toy.world import IMAGE_SIZE, render, sample_scene
+from dpt_fast.toy_clip.world import IMAGE_SIZE, render, sample_scene
 
 MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
 PARITY_STEPS = 20
@@ -95,6 +95,7 @@ def test_task_written_in_dtd_layout(tmp_path):
 CONVERGENCE_SEED = 1
 
 
+@pytest.mark.e2e
 def test_dpt_converges_across_rounding_environments(tmp_path):
     """DPT with the demo's recipe (seed 1), trained through the engine in three subprocesses
     that round differently (``robustness.distinct_environments``: the default, one thread, and

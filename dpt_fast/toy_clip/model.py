@@ -22,8 +22,10 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpt_fast.seeding import RANDOM_WEIGHTS_SEED, random_weights
 from dpt_fast.tokenizer import ClipTokenizer
-from dpt_fast.toy.world import vocabulary
+from dpt_fast.toy_clip import BACKBONE_NAME, PRETRAINED_TAG
+from dpt_fast.toy_clip.world import vocabulary
 
 TOY_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = TOY_DIR / "toy_clip.json"
@@ -31,9 +33,6 @@ WEIGHTS_PATH = TOY_DIR / "toy_clip.safetensors"
 MODEL_NAME = CONFIG_PATH.stem  # open_clip registers a config under its file stem
 # SHA-256 of the shipped toy_clip.safetensors; load_toy_clip refuses any other file.
 WEIGHTS_SHA256 = "a105bd3b0166abebbf446d3e4372f6adf2368b7760bd4be280b3e0926ae1990f"
-# `dpt-fast train --backbone toy --pretrained toy`: the shipped toy CLIP through the engine.
-BACKBONE_NAME = "toy"
-PRETRAINED_TAG = "toy"
 EMBEDDING_KEY = "token_embedding.weight"
 ROWS_KEY = "token_embedding.rows"
 IDS_KEY = "token_embedding.ids"
@@ -53,13 +52,11 @@ def token_ids() -> list[int]:
     return sorted(ids)
 
 
-def build_toy_clip(seed: int | None = None) -> open_clip.CLIP:
-    """The toy CLIP architecture (``toy_clip.json``) with random weights (drawn from ``seed``,
-    or from torch's global generator when None)."""
+def build_toy_clip(seed: int = RANDOM_WEIGHTS_SEED) -> open_clip.CLIP:
+    """The toy CLIP architecture (``toy_clip.json``) with random weights drawn from ``seed``
+    (torch's global generator is left as it was)."""
     config = json.loads(CONFIG_PATH.read_text())
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with random_weights(seed):
         return open_clip.CLIP(**config)
 
 

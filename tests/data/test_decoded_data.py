@@ -31,7 +31,7 @@ from dpt_fast.data.loading import (
 )
 from dpt_fast.data.records import Datum
 from dpt_fast.engine.sampler import GlobalBatchSampler
-from dpt_fast.engine.seeding import SeededSamples
+from dpt_fast.seeding import SeededSamples
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
 # (width, height): odd sizes, portrait and landscape, one smaller than the crop

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import DPT_FAST, error_line, train_args
+from cli_helpers import DPT_FAST, error_line, train_args
 
 from dpt_fast import DPT, DPTConfig
 from dpt_fast.data.disk_cache import CacheSettings
@@ -85,7 +85,7 @@ def test_cached_frozen_features_give_identical_predictions(tmp_path, monkeypatch
     from the disk cache) predicts exactly what the uncached path predicts."""
     from dpt_fast.data import build_dataset
     from dpt_fast.toy import task
-    from dpt_fast.toy.model import load_toy_clip
+    from dpt_fast.toy_clip.model import load_toy_clip
 
     root = tmp_path / "toy"
     task.write_task(root)

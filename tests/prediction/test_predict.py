@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, error_line
 from PIL import Image
-from test_cli_errors import cli, error_line
 
 from dpt_fast import DPT
 from dpt_fast import checkpoint as ckpt

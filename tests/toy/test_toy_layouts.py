@@ -24,7 +24,7 @@ from dpt_fast.engine.recipe import (
     template_is_fixed,
 )
 from dpt_fast.toy import demo, task
-from dpt_fast.toy.world import vocabulary
+from dpt_fast.toy_clip.world import vocabulary
 
 TINY = {"train": 2, "val": 1, "test": 1}  # images per class: enough to read every split
 # SHA-256 over the dtd split file (keys sorted) and the decoded pixels of every image in split
@@ -124,8 +124,8 @@ def test_recipe_toy_is_the_demos_recipe(tmp_path):
 
 
 def test_recipe_toy_values_have_one_source():
-    from dpt_fast.toy.model import BACKBONE_NAME, PRETRAINED_TAG
     from dpt_fast.toy.options import DEFAULT_EPOCHS
+    from dpt_fast.toy_clip import BACKBONE_NAME, PRETRAINED_TAG
 
     assert RECIPES["toy"].backbone == BACKBONE_NAME and TOY_RUN["pretrained"] == PRETRAINED_TAG
     assert TOY_RUN["epochs"] == DEFAULT_EPOCHS

@@ -243,6 +243,7 @@ def test_report_keeps_other_settings_apart_and_flags_repeated_seeds(tmp_path, ca
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_ddp_equals_one_process(clip_files, odd_folder, tmp_path):
     # 15 training images under a global batch of 16: one global batch of 15 per epoch, which the
     # two processes split 8 + 7 (their cross-entropies are weighted to the global mean).
@@ -295,7 +296,7 @@ def test_base_to_new_and_cross_dataset(clip_files, tmp_path, capsys):
 
 
 def test_eval_of_the_authors_checkpoint(clip_files, colour_folder, tmp_path, capsys):
-    from test_checkpoints import _write_official
+    from official_fixtures import _write_official
 
     from dpt_fast import DPT, DPTConfig
     from dpt_fast.backbone import load_clip

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BACKEND_DIR = Path(__file__).resolve().parents[1] / "build_backend"
+BACKEND_DIR = Path(__file__).resolve().parents[2] / "build_backend"
 FRONTEND_VARIABLES = ("VIRTUAL_ENV", "CONDA_PREFIX", "DPT_FAST_TORCH_PYTHON", "DPT_FAST_SKIP_EXT")
 
 # Hide every site-packages folder, as pip's isolation does, then let the backend look.

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / ".ci" / "triton_aot_check.py"
 
 # ptxas -v of one Triton kernel that spills, with a device function that was not inlined.

@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "nvcc_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "nvcc_check.py"
 
 # What ptxas -v prints for two architectures: a clean kernel, a kernel that spills, and a device
 # function that was not inlined (its own frame and spills).

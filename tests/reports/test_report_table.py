@@ -14,7 +14,7 @@ import pytest
 
 from dpt_fast.cli import main
 from dpt_fast.engine.run_folder import write_zero_shot_result
-from dpt_fast.reports.tables import latex_escape, report_tables
+from dpt_fast.reports.render import latex_escape, report_tables
 
 
 def _write_run(root: Path, method: str, dataset: str, shots: int, seed: int, acc: float, *,
