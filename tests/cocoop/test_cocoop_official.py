@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from cocoop_original import OriginalCoCoOp
-from test_checkpoints import _DasslWarmup
+from official_fixtures import _DasslWarmup
 
 from dpt_fast import CoCoOp, CoCoOpConfig
 from dpt_fast.reference import CoCoOp as ReferenceCoCoOp
