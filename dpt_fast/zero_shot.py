@@ -14,10 +14,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from dpt_fast.clip_interop import ClipGeometry, clip_geometry, encode_text_tokens
+from dpt_fast.clip_interop import clip_geometry, encode_text_tokens
 from dpt_fast.config import DPTConfig
-from dpt_fast.fast.vision import PromptedVisionEncoder
-from dpt_fast.output import DPTOutput
+from dpt_fast.frozen_classifier import FrozenCLIPClassifier
 from dpt_fast.prompts import prompt_class_name
 from dpt_fast.tokenizer import ClipTokenizer
 
@@ -46,57 +45,28 @@ def zero_shot_classifier(clip: nn.Module, classnames: Sequence[str], template: s
     return normalize(encode_text_tokens(clip, token_ids))
 
 
-class ZeroShotCLIP(nn.Module):
+class ZeroShotCLIP(FrozenCLIPClassifier):
     """Zero-shot CLIP on ``classnames``: ``logits = scale · norm(image) · classifierᵀ``.
 
     The image feature is the fast DPT's frozen pass (CLS-only last layer; the same values), so
     a run shares the frozen-feature cache with the DPT presets (``frozen_pass_id``).
     """
 
-    frozen_pass_id = "DPT"  # the feature cache's key: the pass of dpt_fast.DPT
     handcrafted_text_features: torch.Tensor  # (C, E) buffer
-    uses_frozen_image = True  # evaluation may hand it cached frozen features
 
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: DPTConfig | None = None) -> None:
-        super().__init__()
-        self.config = DPTConfig(method="zeroshot") if config is None else config
-        self.classnames = list(classnames)
-        if not self.classnames:
-            raise ValueError("classnames is empty: zero-shot CLIP needs at least one class")
-        self.geometry: ClipGeometry = clip_geometry(clip)
-        clip.requires_grad_(False)
-        self.clip = clip.eval()
+        super().__init__(clip, classnames, config, "zeroshot")
         # (C, E) the hand-crafted classifier, fixed.
         self.register_buffer("handcrafted_text_features",
                              zero_shot_classifier(clip, self.classnames, self.config.template),
                              persistent=False)
-        # a plain attribute: it only reads the registered CLIP
-        self._vision = PromptedVisionEncoder(cast(nn.Module, clip.visual))
-
-    def train(self, mode: bool = True) -> ZeroShotCLIP:
-        super().train(mode)
-        self.clip.eval()  # the frozen CLIP never trains
-        return self
-
-    @torch.no_grad()
-    def encode_image_frozen(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's image features (B, E) of images (B, 3, H, W)."""
-        return self._vision(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of frozen image features (B, E)."""
         text = self.handcrafted_text_features
         scale = cast(torch.Tensor, self.clip.logit_scale).exp()
         return scale * normalize(features.to(text.dtype)) @ text.t()
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor,
-                frozen_features: torch.Tensor | None = None) -> DPTOutput:
-        """images (B, 3, H, W), CLIP-normalised -> :class:`DPTOutput` with the logits only."""
-        if frozen_features is None:
-            frozen_features = self.encode_image_frozen(images)
-        return DPTOutput(logits=self.logits_from_features(frozen_features))
 
 
 def build_zero_shot(clip: nn.Module, classnames: Sequence[str],

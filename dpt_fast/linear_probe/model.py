@@ -8,51 +8,29 @@ and set with :meth:`LinearProbeCLIP.set_classifier`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpt_fast.clip_interop import ClipGeometry, clip_geometry
 from dpt_fast.config import DPTConfig
-from dpt_fast.fast.vision import PromptedVisionEncoder
-from dpt_fast.output import DPTOutput
+from dpt_fast.frozen_classifier import FrozenCLIPClassifier
 
 
-class LinearProbeCLIP(nn.Module):
+class LinearProbeCLIP(FrozenCLIPClassifier):
     """``logits = image_feature · Wᵀ + b`` on the frozen CLIP's unnormalised image features."""
 
-    frozen_pass_id = "DPT"  # the fast DPT's frozen pass: shares its feature cache
-    uses_frozen_image = True
     weight: torch.Tensor  # (C, E) buffer
     bias: torch.Tensor  # (C,) buffer
 
     def __init__(self, clip: nn.Module, classnames: Sequence[str],
                  config: DPTConfig | None = None) -> None:
-        super().__init__()
-        self.config = DPTConfig(method="linear_probe") if config is None else config
-        self.classnames = list(classnames)
-        if not self.classnames:
-            raise ValueError("classnames is empty: a linear probe needs at least one class")
-        self.geometry: ClipGeometry = clip_geometry(clip)
-        clip.requires_grad_(False)
-        self.clip = clip.eval()
-        self._vision = PromptedVisionEncoder(cast(nn.Module, clip.visual))
+        super().__init__(clip, classnames, config, "linear_probe")
         width = self.geometry.embed_dim
         # (C, E) and (C,): zero until fitted.
         self.register_buffer("weight", torch.zeros(len(self.classnames), width))
         self.register_buffer("bias", torch.zeros(len(self.classnames)))
-
-    def train(self, mode: bool = True) -> LinearProbeCLIP:
-        super().train(mode)
-        self.clip.eval()
-        return self
-
-    @torch.no_grad()
-    def encode_image_frozen(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's image features (B, E) of images (B, 3, H, W)."""
-        return self._vision(images)
 
     def set_classifier(self, classifier: Any) -> None:
         """Take a fitted scikit-learn ``LogisticRegression`` (labels 0 … C-1) as the layer.
@@ -75,14 +53,6 @@ class LinearProbeCLIP(nn.Module):
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of frozen image features (B, E), in float64 as scikit-learn's."""
         return features.to(self.weight) @ self.weight.t() + self.bias
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor,
-                frozen_features: torch.Tensor | None = None) -> DPTOutput:
-        """images (B, 3, H, W), CLIP-normalised -> :class:`DPTOutput` with the logits only."""
-        if frozen_features is None:
-            frozen_features = self.encode_image_frozen(images)
-        return DPTOutput(logits=self.logits_from_features(frozen_features))
 
 
 __all__ = ["LinearProbeCLIP"]
