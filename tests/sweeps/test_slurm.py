@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,20 @@ JOB_TIMEOUT_S = 600.0  # one submission, queued to finished (each task starts py
 # under load (~1 s an epoch), its first checkpoint comes after one epoch.
 KILL_EPOCHS = 40
 POLL_S = 0.2
+
+
+@pytest.fixture(autouse=True)
+def _threads_of_a_fresh_process():
+    """The local sweep each test compares with runs in this process, and results must equal
+    the array tasks' bit for bit: so it runs with the thread count of a fresh process started
+    with this environment, as the tasks are (an xdist worker runs with its share of the cores,
+    which rounds differently)."""
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True, timeout=120)
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(fresh.stdout))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
