@@ -64,6 +64,12 @@ def orphan_temporaries(folder: str | os.PathLike[str], name: str) -> list[Path]:
     return sorted(p for p in folder.glob(f".{name}.*{_TMP_SUFFIX}") if p.is_file())
 
 
+def is_finite_number(value: object) -> bool:
+    """A JSON number that is a real value: int or float (not bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every non-finite float (NaN, ±inf) replaced by None, recursively, so that
     ``json.dumps(..., allow_nan=False)`` succeeds: bare ``NaN`` is not JSON."""

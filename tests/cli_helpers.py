@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from dpt_fast import checkpoint as ckpt
+
 DPT_FAST = shutil.which("dpt-fast", path=str(Path(sys.executable).parent)) or "dpt-fast"
 CHECKPOINT = "checkpoint-last.safetensors"
 
@@ -37,3 +41,22 @@ def train_args(clip_files, root: Path, out: Path, *extra: str, dataset: str = "f
             "--text-warmup-epochs", "0", "--lr", "0.05", "--text-lr", "0.05",
             "--device", "cpu", "--output-dir", str(out), "--n-text-ctx", "4",
             "--cavpt-top-k", "2", *extra]
+
+
+# Fields of results.json that say where and how fast a run ran, not what it computed.
+_WHERE_AND_WHEN = ("output_dir", "images_per_s")
+
+
+def comparable_results(value):
+    """results.json (or a part of it) less the fields that record where and how fast it ran."""
+    if isinstance(value, dict):
+        return {k: comparable_results(v) for k, v in value.items() if k not in _WHERE_AND_WHEN}
+    if isinstance(value, list):
+        return [comparable_results(v) for v in value]
+    return value
+
+
+def run_prompts(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained prompts in a run folder's last checkpoint."""
+    tensors, _ = ckpt.read_checkpoint(folder / CHECKPOINT)
+    return ckpt.model_state(tensors)

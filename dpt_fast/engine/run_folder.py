@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import time
 from pathlib import Path
 
 from dpt_fast.errors import RunFolderBusy
-from dpt_fast.files import orphan_temporaries, write_json
+from dpt_fast.files import is_finite_number, orphan_temporaries, write_json
 
 log = logging.getLogger("dpt_fast")
 
@@ -203,11 +202,6 @@ class FolderLock:
         self.release()
 
 
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
 def write_zero_shot_result(path: str | os.PathLike[str], dataset: str, backbone: str,
                            report: dict) -> Path:
     """Write zero-shot CLIP's result on ``dataset`` where ``dpt-fast report`` finds it.
@@ -223,7 +217,7 @@ def write_zero_shot_result(path: str | os.PathLike[str], dataset: str, backbone:
     Returns:
         The file written (atomically, strict JSON).
     """
-    if not isinstance(report, dict) or not _finite_number(report.get("accuracy")):
+    if not isinstance(report, dict) or not is_finite_number(report.get("accuracy")):
         raise ValueError(f"zero-shot report of {dataset}: needs a finite 'accuracy'")
     target = Path(path)
     if target.suffix != ".json":

@@ -19,13 +19,13 @@ A file that is not what it should be is skipped and named (:attr:`Found.skipped`
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dpt_fast.files import is_finite_number
 from dpt_fast.reports.summary import (
     differing_settings,
     missing_key_fields,
@@ -75,11 +75,6 @@ class Found:
     older: list[str] = field(default_factory=list)
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
 def _read_report(path: Path, need: Iterable[str] = ("dataset",)) -> dict | str:
     """An eval or zero-shot file: its JSON, or why it is not one (a string)."""
     try:
@@ -87,7 +82,7 @@ def _read_report(path: Path, need: Iterable[str] = ("dataset",)) -> dict | str:
     except (OSError, UnicodeDecodeError, ValueError) as err:
         return f"unreadable ({type(err).__name__}: {err})"
     if not isinstance(data, dict) or not isinstance(data.get("test"), dict) \
-            or not _number(data["test"].get("accuracy")):
+            or not is_finite_number(data["test"].get("accuracy")):
         return "no test accuracy in it"
     lacking = [name for name in need if not isinstance(data.get(name), str)]
     if lacking:

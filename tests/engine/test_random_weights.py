@@ -12,32 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import DPT_FAST
+from cli_helpers import DPT_FAST, comparable_results, run_prompts
 from conftest import COLOURS
 from data_fixtures import make_split_dataset
 
-from dpt_fast import checkpoint as ckpt
 from dpt_fast.backbone import build_clip, resolve_clip
 from dpt_fast.cli import main
 from dpt_fast.seeding import random_weights
 from dpt_fast.sweeps.plan import run_subpath
 from dpt_fast.toy_clip.model import load_toy_backbone
-
-# Fields of results.json that say when and where a run ran, not what it computed.
-_WHERE_AND_WHEN = ("output_dir", "images_per_s")
-
-
-def _comparable(value):
-    if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items() if k not in _WHERE_AND_WHEN}
-    if isinstance(value, list):
-        return [_comparable(v) for v in value]
-    return value
-
-
-def _prompts(folder: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = ckpt.read_checkpoint(folder / "checkpoint-last.safetensors")
-    return ckpt.model_state(tensors)
 
 
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -102,8 +85,8 @@ def test_two_processes_train_and_evaluate_the_same_random_weights_run(
     _draw_something()
     assert main(_train_flags(clip_files, colour_folder, runs[1])) == 0
     results = [json.loads((out / "results.json").read_text()) for out in runs]
-    assert _comparable(results[0]) == _comparable(results[1])
-    _assert_same_state(_prompts(runs[0]), _prompts(runs[1]))
+    assert comparable_results(results[0]) == comparable_results(results[1])
+    _assert_same_state(run_prompts(runs[0]), run_prompts(runs[1]))
     assert set(results[0]["test"]["per_class_accuracy"]) == set(COLOURS)
 
     # Evaluated uncached in another process than training's: training's CLIP and accuracy.
@@ -133,6 +116,6 @@ def test_a_sweep_run_equals_the_train_run_with_random_weights(clip_files, tmp_pa
     assert main(["train", *flags, "--dataset", "dtd", "--shots", "1", "--seed", "2",
                  "--output-dir", str(single)]) == 0
     swept = out / run_subpath("dpt", "few-shot", "dtd", 1, 2)
-    assert _comparable(json.loads((swept / "results.json").read_text())) == \
-        _comparable(json.loads((single / "results.json").read_text()))
-    _assert_same_state(_prompts(swept), _prompts(single))
+    assert comparable_results(json.loads((swept / "results.json").read_text())) == \
+        comparable_results(json.loads((single / "results.json").read_text()))
+    _assert_same_state(run_prompts(swept), run_prompts(single))

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import comparable_results, run_prompts
 from data_fixtures import make_split_dataset
 from slurm_cluster import LocalSlurm, missing_programs
 from test_slurm_script import BAD_TIMES, GOOD_TIMES
-from test_sweep import _comparable, _prompts
 
 import dpt_fast
 from dpt_fast.cli import main
@@ -159,8 +159,8 @@ def test_array_script_runs_as_submitted_and_one_task_reruns(cluster, clip_files,
     assert set(_finished(cluster, job, swept)) == {"0", "1"}
     assert main([*flags[:-1], "local"]) == 0  # the same grid on this machine
     for seed in (1, 2):
-        assert _comparable(_results(swept, seed)) == _comparable(_results(workdir / "local",
-                                                                           seed)), seed
+        assert comparable_results(_results(swept, seed)) == comparable_results(
+            _results(workdir / "local", seed)), seed
     assert not list(elsewhere.iterdir())  # nothing was written where sbatch was called
     log = (swept / "slurm" / f"{job}_1.log").read_text()
     assert f"dpt-fast job: {sys.executable} -m dpt_fast ({Path(dpt_fast.__file__).parent}" in log
@@ -171,7 +171,8 @@ def test_array_script_runs_as_submitted_and_one_task_reruns(cluster, clip_files,
     shutil.rmtree(swept / run_subpath("dpt", "few-shot", "dtd", 1, 2))
     again = cluster.sbatch(job_script, "--array=1", cwd=elsewhere)
     assert set(_finished(cluster, again, swept)) == {"1"}
-    assert _comparable(_results(swept, 2)) == _comparable(_results(workdir / "local", 2))
+    assert comparable_results(_results(swept, 2)) == comparable_results(
+        _results(workdir / "local", 2))
     assert first.stat().st_mtime_ns == before  # the other run was not touched
     assert "sweep: 1 run(s) done now, 0 done before" in \
         (swept / "slurm" / f"{again}_1.log").read_text()
@@ -207,7 +208,7 @@ def test_cancelled_task_is_resumed_by_resubmission(cluster, clip_files, workdir,
     assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
     assert [r["epoch"] for r in resumed["history"]] == list(range(1, KILL_EPOCHS + 1))
     local_run = workdir / "local" / run_subpath("dpt", "few-shot", "dtd", 1, 1)
-    pa, pb = _prompts(local_run), _prompts(run)
+    pa, pb = run_prompts(local_run), run_prompts(run)
     for key in pa:  # a resumed run repeats the uninterrupted one
         torch.testing.assert_close(pb[key], pa[key], rtol=1e-5, atol=1e-6)
     assert not (run / ".dpt-fast.lock").exists()
@@ -232,5 +233,5 @@ def test_submitit_launcher_submits_the_same_array(cluster, clip_files, workdir, 
     assert set(states) == {"0", "1"} and set(states.values()) == {"COMPLETED"}, (states, logs)
     assert main([*flags[:-1], "local"]) == 0
     for seed in (1, 2):
-        assert _comparable(_results(workdir / "submitted", seed)) == _comparable(
+        assert comparable_results(_results(workdir / "submitted", seed)) == comparable_results(
             _results(workdir / "local", seed)), seed

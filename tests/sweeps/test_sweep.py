@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import DPT_FAST, error_line
+from cli_helpers import DPT_FAST, comparable_results, error_line, run_prompts
 from data_fixtures import make_split_dataset
 
-from dpt_fast import checkpoint as ckpt
 from dpt_fast.cli import main
 from dpt_fast.sweeps.plan import SweepGrid, parse_shard, run_subpath, shard_runs
 
 DATASETS = ("dtd", "eurosat")
-# Fields of results.json that say when and where a run ran, not what it computed.
-_WHERE_AND_WHEN = ("output_dir", "images_per_s")
-
-
 @pytest.fixture(scope="module")
 def sweep_root(tmp_path_factory) -> Path:
     """Two CoOp-layout datasets of 3 classes (5/3/1 training images per class)."""
@@ -43,20 +38,6 @@ def _model_flags(clip_files, root: Path, epochs: int = 1) -> list[str]:
             "--progress", "none"]
 
 
-def _comparable(value):
-    """results.json less the fields that record where and how fast it ran."""
-    if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items() if k not in _WHERE_AND_WHEN}
-    if isinstance(value, list):
-        return [_comparable(v) for v in value]
-    return value
-
-
-def _prompts(folder: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = ckpt.read_checkpoint(folder / "checkpoint-last.safetensors")
-    return ckpt.model_state(tensors)
-
-
 @pytest.mark.e2e
 def test_each_sweep_run_is_the_single_train_run(clip_files, sweep_root, tmp_path):
     out = tmp_path / "sweep"
@@ -71,14 +52,14 @@ def test_each_sweep_run_is_the_single_train_run(clip_files, sweep_root, tmp_path
                      str(seed), "--output-dir", str(single)]) == 0
         swept = json.loads((folder / "results.json").read_text())
         alone = json.loads((single / "results.json").read_text())
-        assert _comparable(swept) == _comparable(alone), (dataset, shots, seed)
-        a, b = _prompts(folder), _prompts(single)
+        assert comparable_results(swept) == comparable_results(alone), (dataset, shots, seed)
+        a, b = run_prompts(folder), run_prompts(single)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (dataset, shots, seed, key)
     # the seeds and shot counts differ, so the runs do too
-    first = _prompts(out / run_subpath("dpt", "few-shot", "dtd", 1, 1))
-    other = _prompts(out / run_subpath("dpt", "few-shot", "dtd", 1, 2))
+    first = run_prompts(out / run_subpath("dpt", "few-shot", "dtd", 1, 1))
+    other = run_prompts(out / run_subpath("dpt", "few-shot", "dtd", 1, 2))
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
@@ -125,7 +106,7 @@ def test_kill_9_then_rerun_gives_the_same_results(clip_files, sweep_root, tmp_pa
             b = json.loads((killed / name / "results.json").read_text())
             assert a["test"]["accuracy"] == b["test"]["accuracy"], name
             assert [r["epoch"] for r in b["history"]] == list(range(1, epochs + 1))
-            pa, pb = _prompts(reference / name), _prompts(killed / name)
+            pa, pb = run_prompts(reference / name), run_prompts(killed / name)
             for key in pa:  # a resumed run repeats the uninterrupted one
                 torch.testing.assert_close(pb[key], pa[key], rtol=1e-5, atol=1e-6)
             assert not (killed / name / ".dpt-fast.lock").exists()
