@@ -40,7 +40,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -186,7 +185,7 @@ def main() -> int:
         return 0
 
     import torch
-    from json_report import emit  # beside this script (run by path)
+    from json_report import emit, run_case_in_subprocess  # beside this script (run by path)
 
     earlier = {}
     for path in args.reuse:
@@ -201,14 +200,7 @@ def main() -> int:
         if case in earlier:
             results.append({**earlier[case], "reused": True})
             continue
-        proc = subprocess.run(
-            [sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(run_case_in_subprocess(__file__, case, args.repeats))
         print(json.dumps(results[-1]), file=sys.stderr)
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),

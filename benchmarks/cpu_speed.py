@@ -18,11 +18,10 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from json_report import emit
+from json_report import emit, run_case_in_subprocess
 
 DEFAULT_CASES = [
     "train:fast:100", "train:reference:100",
@@ -116,14 +115,7 @@ def main() -> int:
 
     results = []
     for case in args.cases:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(run_case_in_subprocess(__file__, case, args.repeats))
         print(json.dumps(results[-1]), file=sys.stderr)
     by_case = {r["case"]: r for r in results if "seconds" in r}
     ratios = {}
