@@ -10,8 +10,7 @@ mismatch beyond fp32 rounding (relative 1e-5).
 
 Needs checkouts of the two repositories (nothing of them is copied here):
 
-    git clone https://github.com/KaiyangZhou/CoOp /tmp/CoOp
-    git clone https://github.com/KaiyangZhou/Dassl.pytorch /tmp/Dassl.pytorch
+    # /tmp/CoOp: a checkout of KaiyangZhou/CoOp; /tmp/Dassl.pytorch: of KaiyangZhou/Dassl.pytorch
     python benchmarks/cocoop_authors_check.py --coop /tmp/CoOp --dassl /tmp/Dassl.pytorch
 
 Only ``dassl.utils`` is imported from Dassl (``save_checkpoint``); the rest of the package, which
